@@ -1,0 +1,127 @@
+"""The one feature schema shared by every dataset builder (synthetic and real).
+
+`avatar_synth`, `avatar` and `vggsound` all emit exactly these features, so the
+input pipeline, the trainer and the evaluator never know which one they read.
+
+Why this shape (see WORKSPACE.md "TFDS without TensorFlow"): without TF, TFDS
+can neither encode `tfds.features.Video` nor nest a `Text` inside a nested
+`Sequence`, and a `Tensor` with a `None` dimension inside a `Sequence` fails to
+decode. So the clip is flat top-level tensors, and the annotations are two flat
+top-level sequences of fixed-shape records:
+
+  frames            uint8  [N, H, W, 3]   zlib-compressed, N = clip frames at `fps`
+  frame_times       f32    [N]            seconds since the start of the clip
+  waveform          f32    [S]            mono, `sample_rate` Hz, starts at t=0
+  sample_rate       i32    []
+  fps               f32    []
+  video_id          text
+  original_width    i32    []             of the source video (AVATAR json)
+  original_height   i32    []
+  frames_annotated  sequence of one record per annotated frame:
+      frame_index   i32    index into `frames`
+      time          f32    seconds (== frame_times[frame_index] up to decoding)
+      frame_id      text   AVATAR id "<video_id>/<frame>" (frame in source numbering)
+      tags          bool   [4]  multi-hot over SCENARIOS
+      cross_event   bool   the sounding source changes within this video
+  instances         sequence of one record per (annotated frame, instance):
+      annotation_index i32  index into `frames_annotated`
+      instance_id   i32    stable within the video (-1 unknown)
+      box           f32    [4]  [x, y, w, h] in mask pixels
+      mask          uint8  [MH, MW] 0/1, at the mask resolution of the builder
+      category      i32    index into the builder's category list (-1 unknown)
+      category_name text   `audio_visual_category`
+      sounding      bool   this instance is a sound source at this frame
+
+Off-screen frames have an entry in `frames_annotated` and usually no sounding
+instance; the ground-truth map of a frame is the union of the masks of its
+sounding instances.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Scenario order is part of the schema: `tags` is multi-hot in this order.
+SCENARIOS = ('single', 'mixed', 'multi', 'offscreen')
+# The names AVATAR's evaluator prints.
+SCENARIO_DISPLAY = {
+    'single': 'Single-Sound',
+    'mixed': 'Mixed-Sound',
+    'multi': 'Multi-Entity',
+    'offscreen': 'Off-Screen',
+}
+# Every spelling of a task tag seen in AVATAR json files and its evaluator.
+_TAG_ALIASES = {
+    'single': 'single', 'single-sound': 'single', 'single_sound': 'single',
+    'singlesound': 'single',
+    'mixed': 'mixed', 'mixed-sound': 'mixed', 'mixed_sound': 'mixed',
+    'mixedsound': 'mixed',
+    'multi': 'multi', 'multi-entity': 'multi', 'multi_entity': 'multi',
+    'multientity': 'multi',
+    'off-screen': 'offscreen', 'offscreen': 'offscreen', 'off_screen': 'offscreen',
+    'off screen': 'offscreen',
+}
+
+
+def normalize_tag(tag: str) -> str:
+  """Maps an AVATAR `task` string (any seen spelling) to one of SCENARIOS."""
+  key = str(tag).strip().lower()
+  if key not in _TAG_ALIASES:
+    raise ValueError(
+        f'unknown scenario tag {tag!r}; expected one of '
+        f'{sorted(set(_TAG_ALIASES))}')
+  return _TAG_ALIASES[key]
+
+
+def tags_to_multihot(tags) -> np.ndarray:
+  out = np.zeros(len(SCENARIOS), bool)
+  for t in tags:
+    out[SCENARIOS.index(normalize_tag(t))] = True
+  return out
+
+
+def features(*, frame_height: int, frame_width: int, mask_height: int,
+             mask_width: int) -> tfds.features.FeaturesDict:
+  """The FeaturesDict every builder returns from `_info`."""
+  f = tfds.features
+  return f.FeaturesDict({
+      'video_id': f.Text(),
+      'frames': f.Tensor(shape=(None, frame_height, frame_width, 3),
+                         dtype=np.uint8, encoding=f.Encoding.ZLIB),
+      'frame_times': f.Tensor(shape=(None,), dtype=np.float32),
+      'waveform': f.Tensor(shape=(None,), dtype=np.float32),
+      'sample_rate': f.Scalar(dtype=np.int32),
+      'fps': f.Scalar(dtype=np.float32),
+      'original_width': f.Scalar(dtype=np.int32),
+      'original_height': f.Scalar(dtype=np.int32),
+      'frames_annotated': f.Sequence({
+          'frame_index': f.Scalar(dtype=np.int32),
+          'time': f.Scalar(dtype=np.float32),
+          'frame_id': f.Text(),
+          'tags': f.Tensor(shape=(len(SCENARIOS),), dtype=np.bool_),
+          'cross_event': f.Scalar(dtype=np.bool_),
+      }),
+      'instances': f.Sequence({
+          'annotation_index': f.Scalar(dtype=np.int32),
+          'instance_id': f.Scalar(dtype=np.int32),
+          'box': f.Tensor(shape=(4,), dtype=np.float32),
+          'mask': f.Tensor(shape=(mask_height, mask_width), dtype=np.uint8),
+          'category': f.Scalar(dtype=np.int32),
+          'category_name': f.Text(),
+          'sounding': f.Scalar(dtype=np.bool_),
+      }),
+  })
+
+
+def empty_instances(mask_height: int, mask_width: int) -> dict:
+  """An `instances` value with zero records (TFDS needs typed empty arrays)."""
+  return {
+      'annotation_index': np.zeros((0,), np.int32),
+      'instance_id': np.zeros((0,), np.int32),
+      'box': np.zeros((0, 4), np.float32),
+      'mask': np.zeros((0, mask_height, mask_width), np.uint8),
+      'category': np.zeros((0,), np.int32),
+      'category_name': [],
+      'sounding': np.zeros((0,), np.bool_),
+  }

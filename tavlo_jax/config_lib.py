@@ -1,0 +1,172 @@
+"""Shared config pieces. Every field is commented; configs/*.py start from here.
+
+Durations are all in steps (`*_steps`); the config is locked by `main`, so an
+override with a typo fails instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SCENARIOS = ('single', 'mixed', 'multi', 'offscreen')
+
+
+def parse_variants(arg: str | None, known) -> dict[str, str]:
+  """'ezvsl+seed=2' -> {'ezvsl': '', 'seed': '2'}; unknown names fail loudly."""
+  out = {}
+  for part in (arg or '').split('+'):
+    part = part.strip()
+    if not part:
+      continue
+    name, _, value = part.partition('=')
+    if name not in known:
+      raise ValueError(f'unknown config variant {name!r}; known: {sorted(known)}')
+    out[name] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # model init, data order and dropout all derive from it
+
+  # ---- data ------------------------------------------------------------------
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'avatar_synth'           # TFDS name: avatar_synth | avatar | vggsound
+  c.dataset.builder_config = 'small'        # TFDS builder config of that dataset
+  c.dataset.data_dir = './data/tfds'        # where TFDS records live / are built
+  c.dataset.manual_dir = ''                 # raw files for real data (AVATAR/VGGSound)
+  c.dataset.build_if_missing = True         # synth only: build before training if absent
+  c.dataset.train_split = 'train'
+  c.dataset.val_split = 'validation'        # calibrates Off-screen thresholds, never test
+  c.dataset.eval_split = 'test'
+
+  c.input = ml_collections.ConfigDict()
+  c.input.num_frames = 16                   # T: frames per clip seen by the model
+  c.input.frame_stride = 1                  # take every k-th stored frame
+  c.input.image_size = 64                   # frames are resized to this square size
+  c.input.batch_size = 16                   # GLOBAL train batch (split over hosts/devices)
+  c.input.eval_batch_size = 16              # GLOBAL eval batch; padded at the split's end
+  c.input.num_workers = 0                   # grain worker processes (0 = in-process)
+  c.input.prefetch = 2                      # batches prefetched per worker
+  c.input.shuffle_buffer_seed = 0           # added to `seed` for the data order
+  c.input.audio = ml_collections.ConfigDict()
+  c.input.audio.sample_rate = 16000
+  c.input.audio.columns_per_frame = 16      # spectrogram columns per video frame
+  c.input.audio.n_fft = 512
+  c.input.audio.n_mels = 40
+  c.input.audio.fmin = 0.0
+  c.input.audio.fmax = 8000.0
+  c.input.audio.log_offset = 1e-5           # log(mel + offset)
+  c.input.audio.features_on = 'host'        # 'host' (librosa in workers) | 'device' (jnp.fft)
+  c.input.augment = ml_collections.ConfigDict()
+  c.input.augment.enabled = True            # master switch; never applied at eval
+  c.input.augment.random_resized_crop = True
+  c.input.augment.crop_scale = (0.6, 1.0)   # area fraction of the crop
+  c.input.augment.flip = True               # horizontal flip, same for all frames
+  c.input.augment.color_jitter = 0.2        # brightness/contrast/saturation strength
+  c.input.augment.spec_time_masks = 1       # SpecAugment time masks per clip
+  c.input.augment.spec_time_mask_width = 4  # columns, at most
+  c.input.augment.spec_freq_masks = 1
+  c.input.augment.spec_freq_mask_width = 6  # mel bins, at most
+
+  # ---- model -----------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'tavlo'                    # tavlo | ezvsl (image-level baseline)
+  c.model.dtype = 'float32'                 # compute dtype; params stay float32
+  c.model.embed_dim = 64                    # Df: token width from the encoders
+  c.model.temporal_pos_dim = 16             # Dt: temporal code concatenated (D = Df + Dt)
+  c.model.pos_encoding = 'learned'          # learned | sinusoidal
+  c.model.num_layers = 1                    # AST blocks (spatial then temporal attention)
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 2
+  c.model.temporal_attention = True         # ablation switch
+  c.model.temporal_window = 2               # attend to +-k frames; -1 = whole clip
+  c.model.per_frame_audio = True            # False: one clip-level audio token, tiled
+  c.model.cross_modal_attention = False     # True: audio and visual tokens attend to each
+  #                                           other in the spatial step (leaks own audio)
+  c.model.attention_impl = 'xla'            # xla (jax.nn.dot_product_attention) | blockwise | ring
+  c.model.attention_block = 128             # query/key block for blockwise/ring paths
+  c.model.temperature = 0.07                # cosine similarity / temperature
+  c.model.visual = ml_collections.ConfigDict()
+  c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
+  c.model.visual.width = 32                 # channels of the first stage (ResNet: 64)
+  c.model.visual.stem = 'small'             # imagenet (7x7/2 + maxpool) | small (3x3/1)
+  c.model.visual.stage_strides = (2, 2)     # per-stage stride (first stage included)
+  c.model.visual.norm = 'group'             # batch | group
+  c.model.visual.output_stride = 8          # checked against stem/strides: H/8 grid
+  c.model.audio = ml_collections.ConfigDict()
+  c.model.audio.channels = (32, 64)         # 2-D conv widths before the token conv
+  c.model.audio.norm = 'group'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = 'temporal_mil'              # temporal_mil (TAVLO) | ezvsl
+  c.loss.negatives = 'max'                  # max (trains) | mean (paper summary; collapses)
+  c.loss.symmetric = True                   # both a->v and v->a directions
+
+  # ---- optimisation ----------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = 1e-3          # peak
+  c.optimizer.warmup_steps = 50
+  c.optimizer.schedule = 'cosine'           # cosine | constant
+  c.optimizer.end_learning_rate_factor = 0.05
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.grad_clip_norm = 1.0          # 0 disables
+  c.optimizer.accumulate_steps = 1          # gradient accumulation (optax.MultiSteps)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = 600
+  c.train.log_every_steps = 20
+  c.train.checkpoint_every_steps = 200
+  c.train.max_to_keep = 2
+  c.train.eval_every_steps = 0              # 0: evaluate only at the end
+  c.train.on_nonfinite = 'stop'             # stop | skip (drop the update, keep going)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                          # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.seq = 1                            # shards the time axis (temporal attention)
+
+  # ---- evaluation ------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.heatmap_thresholds = (0.1, 0.15, 0.2)   # AVATAR: on the min-max-normalised map
+  c.eval.heatmap_threshold = 0.1                 # the one in the headline table
+  c.eval.interpolation = 'bilinear'              # upsampling of maps to mask size
+  c.eval.annotation_size = (0, 0)                # (H, W); (0, 0) = the dataset's mask size
+  c.eval.offscreen_rule = 'raw_max'              # raw_max (calibrated) | no_pixel_above
+  c.eval.offscreen_target_tpr = 0.9              # calibration: keep 90% of on-screen frames
+  c.eval.num_visualized_clips = 2                # heat-map overlays per scenario
+  c.evals = ml_collections.ConfigDict()
+  for s in SCENARIOS + ('cross_event',):
+    c.evals[s] = ml_collections.ConfigDict()
+    c.evals[s].split = 'test'
+    c.evals[s].frames = s                        # which frames this entry pools
+    c.evals[s].prefix = f'eval/{s}/'
+  return c
+
+
+def make_image_level(c: ml_collections.ConfigDict) -> None:
+  """EZ-VSL-style: each frame alone, one clip-level audio embedding, max-MIL."""
+  c.model.name = 'ezvsl'
+  c.model.temporal_attention = False
+  c.model.per_frame_audio = False
+  c.loss.name = 'ezvsl'
+
+
+def make_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks everything for a CPU smoke test."""
+  c.dataset.builder_config = 'tiny'
+  c.input.num_frames = 8
+  c.input.image_size = 32
+  c.input.batch_size = 4
+  c.input.eval_batch_size = 4
+  c.model.embed_dim = 16
+  c.model.temporal_pos_dim = 8
+  c.model.num_heads = 2
+  c.model.visual.width = 8
+  c.model.audio.channels = (8, 16)
+  c.input.audio.n_mels = 16
+  c.train.total_steps = 4
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = 2
+  c.optimizer.warmup_steps = 1
