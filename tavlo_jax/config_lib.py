@@ -6,6 +6,8 @@ override with a typo fails instead of being silently ignored.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 SCENARIOS = ('single', 'mixed', 'multi', 'offscreen')
@@ -170,3 +172,50 @@ def make_runlocal(c: ml_collections.ConfigDict) -> None:
   c.train.log_every_steps = 1
   c.train.checkpoint_every_steps = 2
   c.optimizer.warmup_steps = 1
+
+
+# ---- helpers for main's error messages and tests -------------------------------
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py:variant' -> the ConfigDict, as config_flags would build it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location('_tavlo_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def flatten_keys(config, prefix: str = '') -> list[str]:
+  keys = []
+  for k, v in config.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(flatten_keys(v, name + '.'))
+    else:
+      keys.append(name)
+  return keys
+
+
+def check_override_type(config, key: str, value: str) -> None:
+  """Raises TypeError if `value` cannot become the type of `config.<key>`."""
+  node = config
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  current = node[leaf]
+  if isinstance(current, bool):
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise TypeError(f'expected a bool (true/false), got {value!r}')
+  elif isinstance(current, int):
+    try:
+      int(value)
+    except ValueError:
+      raise TypeError(f'expected an int, got {value!r}') from None
+  elif isinstance(current, float):
+    try:
+      float(value)
+    except ValueError:
+      raise TypeError(f'expected a float, got {value!r}') from None

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# TPU pod slice: the same command on every worker; jax.distributed.initialize()
+# discovers the pod from the TPU runtime (TPU_WORKER_HOSTNAMES etc).
+#
+#   TPU=my-v5e-32 ZONE=us-west4-a launch/tpu_pod.sh --config=configs/avatar.py \
+#       --workdir=gs://bucket/runs/tavlo
+#
+# Data: build the TFDS records once (any machine), copy to a bucket, and point
+# --config.dataset.data_dir at it. Checkpoints go to --workdir (all workers write
+# their shards into the same directory).
+set -euo pipefail
+TPU=${TPU:?name of the TPU VM}; ZONE=${ZONE:?zone}
+REPO=${REPO:-~/tavlo_jax}
+# Flags: megascale/latency hiding are on by default on TPU; fsdp inside a slice,
+# data across slices (multi-slice: set --config.mesh.data to the slice count x per-slice data).
+gcloud compute tpus tpu-vm ssh "${TPU}" --zone="${ZONE}" --worker=all --command="
+  cd ${REPO} && . .venv/bin/activate &&
+  python -m tavlo_jax.main $* --config.model.dtype=bfloat16 2>&1 | tee -a /tmp/tavlo.log"

@@ -1,0 +1,115 @@
+r"""Entry point: train and/or evaluate TAVLO.
+
+  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=/tmp/tavlo
+  python -m tavlo_jax.main --config=configs/avatar_synth.py:runlocal --workdir=/tmp/t \
+      --config.train.total_steps=10 --mode=train_and_eval
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally `:variant`.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, reports.')
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'],
+                          'eval: evaluate the latest checkpoint in --workdir.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 for multi-process runs. Unset: taken from the '
+    'environment (Slurm, TPU pods, JAX_COORDINATOR_ADDRESS) or single process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: total.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one.')
+
+
+def _is_multi_process_env() -> bool:
+  """True when a launcher tells us we are one of several processes."""
+  if _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return True
+  # TPU pod slices: several workers listed by the TPU runtime.
+  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  if not _is_multi_process_env():
+    logging.info('Single process: jax.distributed not initialised.')
+    return
+  kwargs = {}
+  if _COORDINATOR.value:
+    kwargs = dict(coordinator_address=_COORDINATOR.value,
+                  num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  jax.distributed.initialize(**kwargs)  # the rest comes from the environment
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _WORKDIR.value is None:
+    raise app.UsageError('--workdir is required')
+  _init_distributed()
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from tavlo_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)',
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(_WORKDIR.value, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  train.run(config, _WORKDIR.value, mode=_MODE.value)
+
+
+def _explain_config_override_error(argv) -> str | None:
+  """Turns config_flags' raw errors on `--config.x=y` into one clear line."""
+  from tavlo_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_arg is None:
+    return None
+  try:
+    config = config_lib.load_config_file(config_arg)
+  except Exception as e:  # pylint: disable=broad-except
+    return f'--config={config_arg}: cannot load the config: {e}'
+  known = config_lib.flatten_keys(config)
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    key, _, value = a[len('--config.'):].partition('=')
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+      hint = f'; did you mean {", ".join(close)}?' if close else ''
+      return f'--config.{key}: no such config field in {config_arg}{hint}'
+    try:
+      config_lib.check_override_type(config, key, value)
+    except (TypeError, ValueError) as e:
+      return f'--config.{key}={value}: {e}'
+  return None
+
+
+def _parse_flags(argv):
+  """absl's parser, but a bad `--config...` gives one clear line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
+    line = _explain_config_override_error(argv) or f'{type(e).__name__}: {e}'
+    print(f'error: {line}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,337 @@
+"""train_and_evaluate: sharded state, a pure jitted train step, the loop.
+
+Data flow per step: grain (host-local numpy) -> global jax.Array batch (batch
+dim over ('data','fsdp')) -> `train_step` (jit, donated state) -> metrics.
+Everything that touches devices runs on every process in the same order, so
+multi-host jobs never hang on a collective that one process skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.experimental import multihost_utils
+
+from tavlo_jax import checkpointing, input_data, losses, sharding
+from tavlo_jax import models
+from tavlo_jax.data import audio as audio_lib
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+# ---------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  o = config.optimizer
+  total = max(int(config.train.total_steps), 1)
+  warmup = min(int(o.warmup_steps), total - 1) if total > 1 else 0
+  if o.schedule == 'cosine':
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
+        decay_steps=total, end_value=o.learning_rate * o.end_learning_rate_factor)
+  elif o.schedule == 'constant':
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.learning_rate, max(warmup, 1)),
+         optax.constant_schedule(o.learning_rate)], [max(warmup, 1)])
+  else:
+    raise ValueError(f'config.optimizer.schedule: unknown {o.schedule!r}; '
+                     'expected cosine or constant')
+  if o.name != 'adamw':
+    raise ValueError(f'config.optimizer.name: unknown {o.name!r}; expected adamw')
+  parts = []
+  if o.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  parts.append(optax.adamw(schedule, weight_decay=o.weight_decay))
+  tx = optax.chain(*parts)
+  if o.accumulate_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(o.accumulate_steps))
+  return tx, schedule
+
+
+# ---------------------------------------------------------------------------
+# State: abstract first, then materialised directly into its shardings
+# ---------------------------------------------------------------------------
+
+def dummy_inputs(config, batch_size: int):
+  t, s = config.input.num_frames, config.input.image_size
+  cols = t * config.input.audio.columns_per_frame
+  return (jnp.zeros((batch_size, t, s, s, 3), jnp.uint8),
+          jnp.zeros((batch_size, cols, config.input.audio.n_mels), jnp.float32))
+
+
+def create_state(config, model, mesh, rng):
+  """Returns (state, state_shardings, abstract_state)."""
+  tx, _ = make_optimizer(config)
+
+  def init_boxed(rng):
+    frames, audio = dummy_inputs(config, 2)
+    variables = model.init(rng, frames, audio, train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                             tx=tx, batch_stats=variables.get('batch_stats', {}))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    abstract_boxed = jax.eval_shape(init_boxed, rng)
+    shardings = sharding.state_shardings(abstract_boxed, mesh)
+    init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
+    state = init(rng)
+  abstract = jax.eval_shape(lambda: state)
+  return state, shardings, abstract
+
+
+# ---------------------------------------------------------------------------
+# Pure steps
+# ---------------------------------------------------------------------------
+
+def _model_audio(config, batch):
+  if 'audio' in batch:
+    return batch['audio']
+  return audio_lib.log_mel_jnp(batch['waveform'], config)
+
+
+def train_step(state: TrainState, batch, base_rng, *, config, model):
+  """One update. Pure: everything random comes from fold_in(rng, step)."""
+  rng = jax.random.fold_in(base_rng, state.step)
+  audio = _model_audio(config, batch)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    mutable = []
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+      mutable = ['batch_stats']
+    out, updates = model.apply(variables, batch['frames'], audio, train=True,
+                               mutable=mutable, rngs={'dropout': rng})
+    loss, aux = losses.loss_from_config(config, out)
+    return loss, (aux, updates)
+
+  (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.apply_gradients(grads=grads)
+  if updates:
+    new_state = new_state.replace(batch_stats=updates['batch_stats'])
+  # A non-finite step never changes the state: in `stop` mode the host then
+  # stops with the step named; in `skip` mode training simply goes on.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, **aux)
+  return new_state, metrics
+
+
+def predict_step(state: TrainState, batch, *, config, model):
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  out = model.apply(variables, batch['frames'], _model_audio(config, batch), train=False)
+  return out['heatmap']
+
+
+def compile_steps(config, model, mesh, state_shardings):
+  """jit with explicit shardings; the state is donated (updated in place)."""
+  rep = sharding.replicated(mesh)
+  train = jax.jit(
+      functools.partial(train_step, config=config, model=model),
+      in_shardings=(state_shardings, None, rep),
+      out_shardings=(state_shardings, rep),
+      donate_argnums=(0,))
+  predict = jax.jit(functools.partial(predict_step, config=config, model=model),
+                    in_shardings=(state_shardings, None))
+  return train, predict
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+class MetricWriter:
+  """Console + TensorBoard (tensorboardX) + JSON lines; process 0 writes."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.tb = None
+    self.jsonl = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def scalars(self, step: int, values: dict[str, float]):
+    if not self.enabled:
+      return
+    for k, v in values.items():
+      self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self.jsonl.flush()
+
+  def images(self, step: int, images: dict[str, np.ndarray]):
+    if not self.enabled:
+      return
+    for k, img in images.items():
+      self.tb.add_image(k, img, step, dataformats='HWC')
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+      self.jsonl.close()
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      pass
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def agreed(self) -> bool:
+    # Every process must stop at the same step or the next collective hangs.
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))
+
+
+# ---------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------
+
+def run(config, workdir: str, mode: str = 'train_and_eval'):
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info('Mesh: %s over %d devices', dict(mesh.shape), mesh.size)
+  data = input_data.prepare(config, workdir)
+  model = models.build_model(config)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state, state_shardings, abstract = create_state(config, model, mesh, init_rng)
+  sharding.sharding_report(state.params, state_shardings.params, mesh)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    max_to_keep=config.train.max_to_keep)
+  train_iter = data.train_iterator() if mode != 'eval' else None
+  target = checkpointing.abstract_with_shardings(abstract, state_shardings)
+  step, restored = ckpt.restore_latest(target, train_iter)
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from step %d (%s)', step, ckpt.directory)
+  elif mode == 'eval':
+    raise SystemExit(f'--mode=eval: no checkpoint in {ckpt.directory}')
+
+  train_fn, predict_fn = compile_steps(config, model, mesh, state_shardings)
+  writer = MetricWriter(workdir, config.train.total_steps)
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      if mode != 'eval':
+        state = _train_loop(config, workdir, state, train_fn, predict_fn, train_iter,
+                            data, ckpt, writer, mesh, step_rng)
+      if mode != 'train':
+        from tavlo_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+        runner.evaluate(config, workdir, state, predict_fn, data, mesh, writer,
+                        step=int(jax.device_get(state.step)), final=True)
+  finally:
+    ckpt.close()
+    writer.close()
+    multihost_utils.sync_global_devices('tavlo_jax.train.run:end')
+  return state
+
+
+def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
+                ckpt, writer, mesh, step_rng):
+  _, schedule = make_optimizer(config)
+  total = int(config.train.total_steps)
+  start = int(jax.device_get(state.step))
+  preemption = _Preemption()
+  rng = jax.device_put(step_rng, sharding.replicated(mesh))
+  if start >= total:
+    logging.info('Already trained %d/%d steps.', start, total)
+    return state
+  logging.info('Training steps %d..%d, global batch %d', start, total,
+               config.input.batch_size)
+  t_last, step_last = time.perf_counter(), start
+  t_start = t_last
+  pending = []
+  for step in range(start + 1, total + 1):
+    host_batch = next(train_iter)
+    batch = input_data.to_global(host_batch, mesh)
+    state, metrics = train_fn(state, batch, rng)
+    pending.append(metrics)
+    is_last = step == total
+    if step % config.train.log_every_steps == 0 or is_last:
+      metrics = jax.device_get(pending)
+      pending = []
+      _check_finite(config, metrics, step - len(metrics) + 1)
+      now = time.perf_counter()
+      steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+      eta = (total - step) / max(steps_per_s, 1e-9)
+      last = metrics[-1]
+      values = {k: float(np.mean([m[k] for m in metrics]))
+                for k in last if k != 'finite'}
+      values.update(steps_per_s=steps_per_s,
+                    clips_per_s=steps_per_s * config.input.batch_size,
+                    learning_rate=float(schedule(step)))
+      writer.scalars(step, {f'train/{k}': v for k, v in values.items()})
+      logging.info('step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s '
+                   '(%.1f clips/s)  elapsed %s  ETA %s', step, total,
+                   values['loss'], values['grad_norm'], values['learning_rate'],
+                   steps_per_s, values['clips_per_s'],
+                   _hms(now - t_start), _hms(eta))
+      t_last, step_last = now, step
+    stop = preemption.agreed()
+    if stop or is_last or step % config.train.checkpoint_every_steps == 0:
+      if pending:  # never save a state that a pending non-finite step poisoned
+        metrics = jax.device_get(pending)
+        _check_finite(config, metrics, step - len(metrics) + 1)
+        pending = []
+      ckpt.save(step, state, train_iter, force=True)
+    if stop:
+      ckpt.wait()
+      logging.warning('Stopped at step %d after SIGTERM; checkpoint saved.', step)
+      raise SystemExit(0)
+    every = config.train.eval_every_steps
+    if every and step % every == 0 and not is_last:
+      from tavlo_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+      runner.evaluate(config, workdir, state, predict_fn, data, mesh, writer,
+                      step=step, final=False)
+  return state
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def _check_finite(config, metrics, first_step):
+  for i, m in enumerate(metrics):
+    if not bool(m['finite']):
+      step = first_step + i
+      msg = (f'non-finite loss or gradient at step {step} (loss={float(m["loss"])}, '
+             f'grad_norm={float(m["grad_norm"])}); the update was not applied')
+      if config.train.on_nonfinite == 'stop':
+        raise NonFiniteError(msg + '; stopping (config.train.on_nonfinite=stop).')
+      logging.warning('%s; skipping it (config.train.on_nonfinite=skip).', msg)
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
