@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.num_workers = 0                   # grain worker processes (0 = in-process)
   c.input.prefetch = 2                      # batches prefetched per worker
   c.input.shuffle_buffer_seed = 0           # added to `seed` for the data order
+  c.input.max_instances = 4                 # sounding boxes kept per frame in eval batches
   c.input.audio = ml_collections.ConfigDict()
   c.input.audio.sample_rate = 16000
   c.input.audio.columns_per_frame = 16      # spectrogram columns per video frame
@@ -59,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.audio.fmin = 0.0
   c.input.audio.fmax = 8000.0
   c.input.audio.log_offset = 1e-5           # log(mel + offset)
-  c.input.audio.features_on = 'host'        # 'host' (librosa in workers) | 'device' (jnp.fft)
+  c.input.audio.features_on = 'device'      # 'device' (jnp.fft in the step; measured faster
+  #                                           on CPU, see BENCHMARKS.md) | 'host' (workers)
   c.input.augment = ml_collections.ConfigDict()
   c.input.augment.enabled = True            # master switch; never applied at eval
   c.input.augment.random_resized_crop = True
@@ -90,10 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_block = 128             # query/key block for blockwise/ring paths
   c.model.temperature = 0.07                # cosine similarity / temperature
   c.model.visual = ml_collections.ConfigDict()
-  c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
-  c.model.visual.width = 32                 # channels of the first stage (ResNet: 64)
+  c.model.visual.stage_sizes = (1, 1, 1)    # ResNet-18 is (2, 2, 2, 2)
+  c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)
   c.model.visual.stem = 'small'             # imagenet (7x7/2 + maxpool) | small (3x3/1)
-  c.model.visual.stage_strides = (2, 2)     # per-stage stride (first stage included)
+  c.model.visual.stage_strides = (2, 2, 2)  # per-stage stride (first stage included)
   c.model.visual.norm = 'group'             # batch | group
   c.model.visual.output_stride = 8          # checked against stem/strides: H/8 grid
   c.model.audio = ml_collections.ConfigDict()

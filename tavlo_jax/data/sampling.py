@@ -1,0 +1,223 @@
+"""Which frames and which audio samples a clip is made of; eval annotations.
+
+Alignment (WORKSPACE.md "Audio alignment"), for a clip whose frames are the
+stored frames f0, f0+s, ..., f0+(T-1)s (s = `input.frame_stride`):
+
+  spf   = sample_rate * s / fps            samples per clip frame
+  start = round((f0 - s/2) * sample_rate / fps)
+  audio window = waveform[start : start + T*spf], zero-padded outside
+
+so clip frame t (time (f0 + t*s)/fps) sits at the centre of window samples
+[t*spf, (t+1)*spf), the samples its audio token is computed from. With s = 1
+this is exactly `[(f0 - 0.5) * spf, (f0 + T - 0.5) * spf)`. The start is an
+exact integer whenever sample_rate * s / (2 fps) is one (e.g. 16 kHz, 8 fps);
+otherwise it is rounded to the nearest sample.
+
+Records are dicts as decoded by `tfds.data_source` (schema.py); their
+`Sequence` features arrive as Python lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from tavlo_datasets import schema
+from tavlo_jax.data import audio as audio_lib
+
+# Boxes kept per frame in eval batches (`gt_boxes` [B, T, I, 4]).
+DEFAULT_MAX_INSTANCES = 4
+
+
+def audio_window_start(first_frame: int, fps: float, sample_rate: int,
+                       frame_stride: int) -> int:
+  """First waveform sample of the audio window of a clip starting at f0."""
+  return int(round((first_frame - frame_stride / 2) * sample_rate / fps))
+
+
+def slice_padded(x: np.ndarray, start: int, length: int) -> np.ndarray:
+  """x[start:start+length] along axis 0, zeros where it falls outside x."""
+  out = np.zeros((length,) + x.shape[1:], x.dtype)
+  lo, hi = max(start, 0), min(start + length, len(x))
+  if hi > lo:
+    out[lo - start:hi - start] = x[lo:hi]
+  return out
+
+
+def clip_frame_indices(first_frame: int, num_frames: int, frame_stride: int,
+                       num_stored: int) -> np.ndarray:
+  """i32 [T] stored-frame indices of the clip; -1 past the end of the video."""
+  idx = first_frame + frame_stride * np.arange(num_frames)
+  return np.where(idx < num_stored, idx, -1).astype(np.int32)
+
+
+def gather_frames(frames: np.ndarray, frame_index: np.ndarray) -> np.ndarray:
+  """[T, H, W, 3] frames at `frame_index`; black frames where it is -1."""
+  out = frames[np.maximum(frame_index, 0)]
+  out[frame_index < 0] = 0
+  return out
+
+
+def resize_frames(frames: np.ndarray, size: int,
+                  box: tuple[float, float, float, float] | None = None
+                  ) -> np.ndarray:
+  """Crops `box` (x0, y0, x1, y1; None = whole frame) and resizes to size^2.
+
+  PIL bilinear on uint8, one call per frame with the same box for every
+  frame; a no-op when nothing changes. (Measured against jax.image.resize on
+  the host in benchmarks/input_pipeline.py: PIL is much faster per clip.)
+  """
+  t, h, w, _ = frames.shape
+  if box is None and h == size and w == size:
+    return frames
+  out = np.empty((t, size, size, 3), np.uint8)
+  for i in range(t):
+    out[i] = np.asarray(Image.fromarray(frames[i]).resize(
+        (size, size), resample=Image.BILINEAR, box=box))
+  return out
+
+
+def record_audio_params(record: Mapping[str, Any], config) -> tuple[float, int]:
+  """(fps, sample_rate) of a record, checked against the config."""
+  fps = float(np.asarray(record['fps']))
+  sr = int(np.asarray(record['sample_rate']))
+  if sr != config.input.audio.sample_rate:
+    raise ValueError(
+        f"record {record.get('video_id')!r} has sample_rate={sr} but "
+        f'config.input.audio.sample_rate={config.input.audio.sample_rate}; '
+        'the pipeline does not resample: rebuild the dataset or fix the config.')
+  if fps <= 0:
+    raise ValueError(f"record {record.get('video_id')!r} has fps={fps}")
+  return fps, sr
+
+
+class Clip(NamedTuple):
+  frames: np.ndarray        # uint8 [T, H, W, 3] at the stored size
+  waveform: np.ndarray      # f32 [T*spf] the aligned audio window
+  frame_index: np.ndarray   # i32 [T] stored-frame index, -1 = padding
+  audio_start: int          # waveform sample where the window starts
+
+
+def cut_clip(record: Mapping[str, Any], first_frame: int, config) -> Clip:
+  """The T frames from `first_frame` and their audio window (see top)."""
+  fps, sr = record_audio_params(record, config)
+  t, s = config.input.num_frames, config.input.frame_stride
+  spf = audio_lib.samples_per_frame(sr, fps, s)
+  audio_lib.hop_length(sr, fps, s, config.input.audio.columns_per_frame)
+  frames = np.asarray(record['frames'])
+  frame_index = clip_frame_indices(first_frame, t, s, len(frames))
+  start = audio_window_start(first_frame, fps, sr, s)
+  waveform = slice_padded(np.asarray(record['waveform'], np.float32), start,
+                          t * spf)
+  return Clip(gather_frames(frames, frame_index), waveform, frame_index, start)
+
+
+def random_first_frame(num_stored: int, config,
+                       rng: np.random.Generator) -> int:
+  """Uniform start so that all T frames (at the stride) are inside the video.
+
+  Videos shorter than the clip start at 0 and are padded at the end.
+  """
+  span = (config.input.num_frames - 1) * config.input.frame_stride + 1
+  return int(rng.integers(0, max(num_stored - span, 0) + 1))
+
+
+# ---- evaluation windows -----------------------------------------------------
+
+
+class EvalWindow(NamedTuple):
+  record: int               # index of the record in the split
+  first_frame: int
+  owned: tuple[int, ...]    # stored-frame indices this window scores
+
+
+def annotated_frames(record: Mapping[str, Any]) -> np.ndarray:
+  return np.asarray(record['frames_annotated']['frame_index'], np.int64)
+
+
+def eval_windows(record_index: int, num_stored: int, annotated,
+                 num_frames: int, frame_stride: int) -> list[EvalWindow]:
+  """Deterministic windows that score every annotated frame exactly once.
+
+  With stride s, a frame is only ever seen with frames of its own phase
+  (f mod s), so each phase is tiled separately: windows of T frames placed
+  back to back from the first frame of the phase, the last one shifted back
+  to end at the video's end (so it shows real frames; the frames it
+  shares with its predecessor are owned by the predecessor). A video shorter
+  than a window gets one window, padded at the end. Windows without an
+  annotated frame of their own are dropped.
+  """
+  annotated = sorted(set(int(f) for f in annotated))
+  bad = [f for f in annotated if not 0 <= f < num_stored]
+  if bad:
+    raise ValueError(f'record {record_index}: annotated frame indices {bad} '
+                     f'outside its {num_stored} frames')
+  windows = []
+  for phase in range(frame_stride):
+    todo = [f for f in annotated if f % frame_stride == phase]
+    if not todo:
+      continue
+    grid_len = len(range(phase, num_stored, frame_stride))
+    for k0 in range(0, grid_len, num_frames):
+      k0 = max(min(k0, grid_len - num_frames), 0)
+      first = phase + k0 * frame_stride
+      last = first + (num_frames - 1) * frame_stride
+      owned = tuple(f for f in todo if first <= f <= last)
+      if owned:
+        windows.append(EvalWindow(record_index, first, owned))
+        todo = [f for f in todo if f not in owned]
+  return windows
+
+
+def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
+                       owned, mask_shape: tuple[int, int],
+                       max_instances: int) -> dict[str, np.ndarray]:
+  """Per-frame eval arrays (WORKSPACE.md "Batches") of one window.
+
+  gt_mask / gt_boxes come from the SOUNDING instances of each frame, any_mask
+  from all of them. Frames beyond `max_instances` sounding boxes keep the
+  first ones (masks are always complete; boxes only feed box-based scores).
+  """
+  t = len(frame_index)
+  mh, mw = mask_shape
+  out = {
+      'ann_valid': np.zeros((t,), bool),
+      'gt_mask': np.zeros((t, mh, mw), np.uint8),
+      'any_mask': np.zeros((t, mh, mw), np.uint8),
+      'gt_boxes': np.zeros((t, max_instances, 4), np.float32),
+      'gt_box_valid': np.zeros((t, max_instances), bool),
+      'tags': np.zeros((t, len(schema.SCENARIOS)), bool),
+      'cross_event': np.zeros((t,), bool),
+  }
+  fa, inst = record['frames_annotated'], record['instances']
+  ann_of_frame = {int(f): k for k, f in enumerate(fa['frame_index'])}
+  owned = set(int(f) for f in owned)
+  slot = {int(f): i for i, f in enumerate(frame_index) if f >= 0}
+  # Slot of each annotation in this window (-1: not in the window).
+  ann_slot = {k: slot.get(f, -1) for f, k in ann_of_frame.items()}
+  for f, i in slot.items():
+    k = ann_of_frame.get(f)
+    if k is None:
+      continue
+    out['ann_valid'][i] = f in owned
+    out['tags'][i] = np.asarray(fa['tags'][k], bool)
+    out['cross_event'][i] = bool(fa['cross_event'][k])
+  num_boxes = np.zeros((t,), np.int64)
+  for j, k in enumerate(inst['annotation_index']):
+    i = ann_slot.get(int(k), -1)
+    if i < 0:
+      continue
+    mask = np.asarray(inst['mask'][j], np.uint8)
+    if mask.shape != (mh, mw):
+      raise ValueError(f"record {record.get('video_id')!r}: instance mask of "
+                       f'shape {mask.shape}, expected {(mh, mw)}')
+    out['any_mask'][i] |= mask
+    if bool(inst['sounding'][j]):
+      out['gt_mask'][i] |= mask
+      if num_boxes[i] < max_instances:
+        out['gt_boxes'][i, num_boxes[i]] = np.asarray(inst['box'][j])
+        out['gt_box_valid'][i, num_boxes[i]] = True
+        num_boxes[i] += 1
+  return out
