@@ -141,10 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.offscreen_target_tpr = 0.9              # calibration: keep 90% of on-screen frames
   c.eval.num_visualized_clips = 2                # heat-map overlays per scenario
   c.evals = ml_collections.ConfigDict()
-  for s in SCENARIOS + ('cross_event',):
+  c.eval.protocol = 'avatar'                     # avatar | classic (top-50% binarisation)
+  for s in ('total',) + SCENARIOS + ('cross_event',):
     c.evals[s] = ml_collections.ConfigDict()
     c.evals[s].split = 'test'
-    c.evals[s].frames = s                        # which frames this entry pools
+    c.evals[s].frames = 'all' if s == 'total' else s   # which frames this entry pools
     c.evals[s].prefix = f'eval/{s}/'
   return c
 

@@ -1,0 +1,289 @@
+"""The evaluation loop's bookkeeping: add batches, pool per scenario, score.
+
+    evaluator = Evaluator(config)                  # config.eval + config.evals
+    for batch, heatmap in ...:                     # heatmap [B, T, h, w], cosine
+      evaluator.add(batch, heatmap)                # on EVERY process
+    results = evaluator.finalize(calibration)      # same dict on every process
+
+`calibration` comes from a validation pass (`evaluator.calibrate()` there, or
+`calibrate(records, target_tpr)`); it is only needed by the 'raw_max'
+off-screen rule. All scores in `results` are in percent; every choice that
+moves them (thresholds, tie rule, interpolation, TN rule, calibration) is
+recorded in `results['settings']`.
+
+Pools: `config.evals[name].frames` selects the frames ('single', 'mixed',
+'multi', 'offscreen' by tag, 'cross_event' by flag, 'all'). Within a pool,
+on-screen frames (tagged single/mixed/multi) get the localization scores and
+off-screen frames (tagged offscreen) the negative scores; a frame carrying
+both kinds of tag counts in both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from tavlo_jax.evaluation import aggregates, metrics, records as records_lib
+
+POOL_FRAMES = ('single', 'mixed', 'multi', 'offscreen', 'cross_event', 'all')
+SCENARIO_COLUMNS = ('single', 'mixed', 'multi', 'offscreen')   # schema.SCENARIOS
+PROTOCOLS = ('avatar', 'classic')
+SIGN_MARGIN_PCT = 10.0
+
+
+def _key(t: float) -> str:
+  return f'{t:g}'
+
+
+class Evaluator:
+  """Per-frame records from eval batches; pooled scores at the end.
+
+  `mesh` (Auto axis types, as tavlo_jax.sharding.make_mesh builds) is used
+  only on several processes to assemble host-local numpy rows into global
+  arrays; batches that are already global jax.Arrays are used as they are,
+  and host-local arrays without a mesh are scored per process and gathered.
+  """
+
+  def __init__(self, config, *, protocol: str = 'avatar', mesh=None,
+               batch_axes=('data', 'fsdp'), with_oracle: bool = True):
+    if protocol not in PROTOCOLS:
+      raise ValueError(f'protocol {protocol!r}: expected one of {PROTOCOLS}')
+    ec = config.eval
+    self.protocol = protocol
+    self.thresholds = tuple(float(t) for t in ec.heatmap_thresholds)
+    self.headline_threshold = float(ec.heatmap_threshold)
+    if self.headline_threshold not in self.thresholds:
+      raise ValueError(f'config.eval.heatmap_threshold={self.headline_threshold} '
+                       f'must be one of heatmap_thresholds={self.thresholds}')
+    if ec.interpolation not in metrics.INTERPOLATIONS:
+      raise ValueError(f'config.eval.interpolation={ec.interpolation!r}: '
+                       f'expected one of {metrics.INTERPOLATIONS}')
+    if ec.offscreen_rule not in aggregates.OFFSCREEN_RULES:
+      raise ValueError(f'config.eval.offscreen_rule={ec.offscreen_rule!r}: '
+                       f'expected one of {aggregates.OFFSCREEN_RULES}')
+    self.interpolation = ec.interpolation
+    self.annotation_size = tuple(int(v) for v in ec.annotation_size)
+    self.offscreen_rule = ec.offscreen_rule
+    self.target_tpr = float(ec.offscreen_target_tpr)
+    self.pools = {}
+    for name, entry in config.evals.items():
+      if entry.frames not in POOL_FRAMES:
+        raise ValueError(f'config.evals.{name}.frames={entry.frames!r}: '
+                         f'expected one of {POOL_FRAMES}')
+      self.pools[name] = {'frames': entry.frames, 'prefix': entry.get('prefix', f'{name}/')}
+    # Table order: the scenarios as AVATAR lists them, then cross-event, then all.
+    self.pools = dict(sorted(self.pools.items(),
+                             key=lambda kv: (POOL_FRAMES.index(kv[1]['frames']), kv[0])))
+    self.mesh = mesh
+    self.batch_axes = batch_axes
+    self.with_oracle = with_oracle
+    self._chunks: list[dict] = []
+    self._grid = None
+
+  # ---- accumulation ----------------------------------------------------------
+
+  def add(self, batch: dict, heatmap) -> None:
+    """Scores one eval batch (collective: call on every process, same count)."""
+    missing = [k for k in records_lib.BATCH_KEYS if k not in batch]
+    if missing:
+      raise KeyError(f'eval batch lacks {missing}; has {sorted(batch)}')
+    fields = {k: batch[k] for k in records_lib.BATCH_KEYS}
+    b, t = np.shape(fields['ann_valid'])
+    if np.ndim(heatmap) != 4 or tuple(np.shape(heatmap)[:2]) != (b, t):
+      raise ValueError(f'heatmap must be [B, T, h, w] = [{b}, {t}, h, w] like the '
+                       f'batch, got shape {np.shape(heatmap)}')
+    if self.mesh is not None and jax.process_count() > 1:
+      # Host-local rows -> one global batch (no-op for arrays already global).
+      fields, heatmap = records_lib.to_global((fields, heatmap), self.mesh, self.batch_axes)
+    mask_size = tuple(np.shape(fields['gt_mask'])[-2:])
+    size = self.annotation_size if all(self.annotation_size) else mask_size
+    self._grid = tuple(np.shape(heatmap)[-2:])
+    out = records_lib.batch_records(
+        heatmap, fields, thresholds=self.thresholds, interpolation=self.interpolation,
+        size=size, with_oracle=self.with_oracle)
+    chunk = records_lib.gather(out)
+    bad = ~chunk['finite']
+    if bad.any():
+      where = [(int(c), int(f)) for c, f in zip(chunk['clip_index'][bad][:5],
+                                                chunk['frame_index'][bad][:5])]
+      raise ValueError(f'heat map has NaN/Inf at (clip_index, frame_index) {where}'
+                       f'{" ..." if bad.sum() > 5 else ""}')
+    self._chunks.append(chunk)
+
+  def records(self) -> dict[str, np.ndarray]:
+    """All per-frame records so far, ordered by (clip_index, frame_index)."""
+    table = records_lib.concat_sorted(self._chunks, len(self.thresholds))
+    ids = np.stack([table['clip_index'], table['frame_index']], 1)
+    if len(ids) and (np.diff(ids, axis=0) == 0).all(axis=1).any():
+      logging.warning('some (clip_index, frame_index) were scored more than once')
+    return table
+
+  def calibrate(self) -> dict:
+    """Off-screen raw threshold from the records so far (use on VALIDATION)."""
+    return calibrate(self.records(), self.target_tpr)
+
+  def settings(self, calibration: dict | None) -> dict:
+    return settings(self, calibration)
+
+  def finalize(self, calibration: dict | None = None) -> dict:
+    return score(self.records(), self, calibration)
+
+
+# ---- scoring -------------------------------------------------------------------
+
+def onscreen_mask(table) -> np.ndarray:
+  return table['tags'][:, :3].any(axis=1)
+
+
+def offscreen_mask(table) -> np.ndarray:
+  return table['tags'][:, 3]
+
+
+def pool_mask(table, frames: str) -> np.ndarray:
+  if frames == 'all':
+    return np.ones(len(table['clip_index']), bool)
+  if frames == 'cross_event':
+    return table['cross_event'].astype(bool)
+  return table['tags'][:, SCENARIO_COLUMNS.index(frames)]
+
+
+def calibrate(table, target_tpr: float) -> dict:
+  """'raw_max' rule: the raw threshold keeping target_tpr of on-screen frames."""
+  raw_max = table['raw_max'][onscreen_mask(table)]
+  thr = aggregates.calibrate_raw_threshold(raw_max, target_tpr)
+  return {'rule': 'raw_max', 'raw_threshold': thr, 'target_tpr': target_tpr,
+          'achieved_tpr': float((raw_max >= thr).mean()),
+          'num_onscreen_frames': int(raw_max.size)}
+
+
+def map_sign_report(table, margin_pct: float = SIGN_MARGIN_PCT) -> dict:
+  """Does the map point at the source with its MAXIMUM or its MINIMUM?
+
+  Max-MIL training does not fix the sign of the map (FINDINGS.md item 4); a
+  map whose argmin hits the source more often than its argmax (by more than
+  margin_pct points) is flagged inverted.
+  """
+  on = onscreen_mask(table)
+  max_pct = 100 * aggregates.mean(table['hit'][on])
+  min_pct = 100 * aggregates.mean(table['min_hit'][on])
+  inverted = bool(on.any() and min_pct - max_pct > margin_pct)
+  return {'num_frames': int(on.sum()), 'max_pointing': max_pct,
+          'min_pointing': min_pct, 'margin': margin_pct, 'inverted': inverted}
+
+
+def settings(ev: Evaluator, calibration: dict | None) -> dict:
+  return {
+      'protocol': ev.protocol,
+      'units': 'percent (thresholds and raw scores excepted)',
+      'heatmap_thresholds': list(ev.thresholds),
+      'heatmap_threshold': ev.headline_threshold,
+      'headline': ('mean cIoU, cIoU>=0.5 rate and AUC of p > heatmap_threshold'
+                   if ev.protocol == 'avatar' else
+                   'cIoU>=0.5 rate, mean cIoU and AUC of the top-50% rule (>=)'),
+      'normalisation': 'per-frame min-max; a flat map is left unchanged',
+      'interpolation': ev.interpolation,
+      'resize': 'jax.image.resize, half-pixel centres, no antialias',
+      'annotation_size': list(ev.annotation_size) if all(ev.annotation_size) else 'mask size',
+      'model_grid': list(ev._grid) if ev._grid else None,
+      'top50': {'ge': 'p >= sorted(p)[N//2]', 'gt': 'p > sorted(p)[N//2]'},
+      'adaptive': 'exactly k = #GT pixels top pixels, ties by lower index',
+      'absolute_map': '(cos + 1) / 2', 'abs_threshold': records_lib.ABS_THRESHOLD,
+      'confidence': 'mean of the top N//4 pixels of |(cos + 1) / 2|',
+      'pointing_game': 'first argmax of the upsampled map on a GT pixel',
+      'auc_thresholds': list(aggregates.AUC_THRESHOLDS),
+      'success_at': 0.5,
+      'oracle': ('GT area-averaged to the model grid, upsampled with the same '
+                 'interpolation, normalised; best cIoU over thresholds '
+                 f'{list(metrics.ORACLE_THRESHOLDS)} (and adaptive top-k)'),
+      'onscreen_frames': 'tagged single, mixed or multi',
+      'offscreen_frames': 'tagged offscreen',
+      'offscreen_rule': ev.offscreen_rule,
+      'offscreen_target_tpr': ev.target_tpr,
+      'calibration': calibration,
+      'slavc': ('AP/max-F1 over on-screen (positive) and off-screen (negative) '
+                'frames of the pool; TP needs the headline cIoU >= 0.5'),
+      'negative_aware_f': 'harmonic mean of mean cIoU_abs and 100 - mean pIA_abs',
+  }
+
+
+def _binarised_scores(cious) -> dict:
+  return {'mean': 100 * aggregates.mean(cious),
+          'success': 100 * aggregates.success_rate(cious),
+          'auc': 100 * aggregates.auc(cious)}
+
+
+def pool_scores(table, select, ev: Evaluator, calibration: dict | None) -> dict:
+  """Scores of one pool of frames (a boolean mask over the table)."""
+  on, off = select & onscreen_mask(table), select & offscreen_mask(table)
+  out: dict[str, Any] = {'num_onscreen': int(on.sum()), 'num_offscreen': int(off.sum())}
+  head_k = ev.thresholds.index(ev.headline_threshold)
+  if ev.protocol == 'avatar':
+    head_ciou = table['ciou'][:, head_k]
+  else:
+    head_ciou = table['ciou_top50_ge']
+  head = _binarised_scores(head_ciou[on])
+  out.update(ciou=head['mean'], success=head['success'], auc=head['auc'],
+             pointing_game=100 * aggregates.mean(table['hit'][on]),
+             min_pointing=100 * aggregates.mean(table['min_hit'][on]))
+  for k, t in enumerate(ev.thresholds):
+    for name, v in _binarised_scores(table['ciou'][on, k]).items():
+      out[f'fixed@{_key(t)}/{name}'] = v
+  for variant in ('top50_ge', 'top50_gt', 'adaptive', 'abs'):
+    for name, v in _binarised_scores(table[f'ciou_{variant}'][on]).items():
+      out[f'{variant}/{name}'] = v
+  out['oracle/best'] = 100 * aggregates.mean(table['oracle_best'][on])
+  out['oracle/adaptive'] = 100 * aggregates.mean(table['oracle_adaptive'][on])
+
+  # Negatives.
+  for k, t in enumerate(ev.thresholds):
+    neg = aggregates.offscreen_negative('no_pixel_above', pia_at_threshold=table['pia'][off, k])
+    out[f'tn_no_pixel_above@{_key(t)}'] = 100 * aggregates.true_negative_rate(neg)
+    out[f'pia@{_key(t)}'] = 100 * aggregates.mean(table['pia'][off, k])
+    out[f'pia_aoc@{_key(t)}'] = 100 * aggregates.pia_aoc(table['pia'][off, k])
+  out['pia_abs'] = 100 * aggregates.mean(table['pia_abs'][off])
+  out['pia_abs_aoc'] = 100 * aggregates.pia_aoc(table['pia_abs'][off])
+  raw_thr = calibration['raw_threshold'] if calibration else None
+  out['tn_raw_max'] = (100 * aggregates.true_negative_rate(aggregates.offscreen_negative(
+      'raw_max', raw_max=table['raw_max'][off], raw_threshold=raw_thr))
+                       if raw_thr is not None else math.nan)
+  out['tn'] = (out[f'tn_no_pixel_above@{_key(ev.headline_threshold)}']
+               if ev.offscreen_rule == 'no_pixel_above' else out['tn_raw_max'])
+  out['tn_rule'] = (f'no_pixel_above@{_key(ev.headline_threshold)}'
+                    if ev.offscreen_rule == 'no_pixel_above' else
+                    f'raw_max<{raw_thr:.6g}' if raw_thr is not None else
+                    'raw_max (not calibrated)')
+
+  # SLAVC AP / max-F1 over the pool's positives and negatives.
+  both = on | off
+  if on.any():
+    args = (on[both], head_ciou[both], table['confidence'][both])
+    out['ap'] = 100 * aggregates.slavc_ap(*args)
+    out['max_f1'] = 100 * aggregates.slavc_max_f1(*args)
+  else:
+    out['ap'] = out['max_f1'] = math.nan
+  out['negative_aware_f'] = aggregates.negative_aware_f(out['abs/mean'], out['pia_abs'])
+  return out
+
+
+def score(table, ev: Evaluator, calibration: dict | None = None) -> dict:
+  """Pooled results per `config.evals` entry plus settings and the sign check."""
+  scenarios = {}
+  for name, pool in ev.pools.items():
+    scores = pool_scores(table, pool_mask(table, pool['frames']), ev, calibration)
+    scenarios[name] = {'frames': pool['frames'], 'prefix': pool['prefix'], **scores}
+  return {'settings': settings(ev, calibration), 'scenarios': scenarios,
+          'map_sign': map_sign_report(table), 'num_frames': int(len(table['clip_index']))}
+
+
+def scalar_metrics(results: dict) -> dict[str, float]:
+  """{prefix + name: value} of every finite number, for TensorBoard."""
+  out = {}
+  for entry in results['scenarios'].values():
+    for k, v in entry.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        out[entry['prefix'] + k] = float(v)
+  return out

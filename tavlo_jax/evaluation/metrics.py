@@ -1,0 +1,342 @@
+"""Per-frame localization metrics: pure, vectorised jnp on [..., H, W] maps.
+
+Every function works on any leading batch shape (usually [N, H, W]) and is
+jit-able; the definitions follow ../shared/spec/METRICS.md and each
+convention that moves published numbers is a named argument. The dataset
+aggregates (means, AUC, TN%, AP...) live in `aggregates.py` and run on the
+host in float64; `reference.py` restates everything here as plain per-frame
+float64 numpy loops for the tests.
+
+Conventions (all recorded in the results JSON by the evaluator):
+- Normalisation is min-max per frame; a FLAT map (max == min) is returned
+  unchanged rather than divided by zero, so it never produces NaN. Hence a
+  non-flat normalised map always has a pixel at exactly 1.
+- cIoU with an empty denominator (no GT and nothing predicted) is 0, not NaN.
+- Ties: top-50% keeps `>=` or `>` the median element (both variants exist in
+  the peers' code); adaptive top-k keeps exactly k pixels, breaking ties by
+  the lower flat index; the pointing game takes the FIRST argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
+
+
+def _flat(x):
+  return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+
+
+def _sum_hw(x):
+  return x.sum(axis=(-2, -1))
+
+
+# ---- maps -------------------------------------------------------------------
+
+def normalize(s):
+  """Min-max to [0, 1] per map; a flat map stays as is (no NaN)."""
+  s = jnp.asarray(s, jnp.float32)
+  lo = s.min(axis=(-2, -1), keepdims=True)
+  hi = s.max(axis=(-2, -1), keepdims=True)
+  span = hi - lo
+  flat = span == 0
+  p = (s - lo) / jnp.where(flat, 1.0, span)
+  # XLA's vectorised division can land 1 ulp below 1 at the maximum; pin it,
+  # so "a non-flat map always has a pixel at 1" holds exactly.
+  return jnp.where(flat, s, jnp.where(s == hi, 1.0, p))
+
+
+def _resize_matrix(n_in: int, n_out: int, interpolation: str):
+  """[n_out, n_in] weights of jax.image.resize along one axis (resize is linear)."""
+  return jax.image.resize(jnp.eye(n_in, dtype=jnp.float32), (n_out, n_in), interpolation,
+                          antialias=False)
+
+
+def upsample(s, size: Sequence[int], interpolation: str = 'bilinear'):
+  """Resizes maps [..., h, w] to size=(H, W) with `jax.image.resize` semantics.
+
+  Half-pixel centres and no antialiasing, i.e. torch's
+  `F.interpolate(..., align_corners=False)` for bilinear/nearest-on-upsample.
+  'bicubic' is jax's Keys kernel (a=-0.5), not torch's a=-0.75.
+  The per-axis weight matrices come from jax.image.resize itself and are
+  applied as one einsum: the same numbers (up to float rounding) ~10x faster
+  on CPU than resizing the batch directly.
+  """
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f'interpolation {interpolation!r}: expected one of {INTERPOLATIONS}')
+  return _resize(s, size, interpolation)
+
+
+def _resize(s, size, method):
+  s = jnp.asarray(s, jnp.float32)
+  (h, w), (out_h, out_w) = s.shape[-2:], tuple(int(v) for v in size)
+  if (h, w) == (out_h, out_w):
+    return s
+  wy = _resize_matrix(h, out_h, method)
+  wx = _resize_matrix(w, out_w, method)
+  return jnp.einsum('yi,...ij,xj->...yx', wy, s, wx, precision=jax.lax.Precision.HIGHEST)
+
+
+# ---- binarisation ------------------------------------------------------------
+
+def avatar_fixed(p, threshold: float):
+  """AVATAR: p > threshold on the min-max-normalised map p."""
+  return p > threshold
+
+
+def _order_key(x):
+  """float32 -> int32 with the same order (negatives' magnitude bits flipped)."""
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _from_order_key(key):
+  return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
+
+
+def kth_smallest(flat, rank):
+  """flat[..., n], rank[...] (0-based) -> the element at `rank` of the ascending sort.
+
+  Exact selection by bisection on the float's bit pattern: 32 counting
+  passes, no sort. XLA's CPU sort of a 640x360 map is ~100x slower than a
+  pass, and a GPU does the passes at memory speed too.
+  """
+  keys = _order_key(flat)
+  target = jnp.asarray(rank, jnp.int32)[..., None] + 1
+  lo, hi = keys.min(axis=-1, keepdims=True), keys.max(axis=-1, keepdims=True)
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = (lo & hi) + ((lo ^ hi) >> 1)        # floor((lo + hi) / 2) without overflow
+    enough = (keys <= mid).sum(axis=-1, keepdims=True) >= target
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return _from_order_key(lo[..., 0])
+
+
+def top50_threshold(p):
+  """Element N//2 of the ascending sort of each map (the classic protocol)."""
+  flat = _flat(p)
+  return kth_smallest(flat, jnp.full(flat.shape[:-1], flat.shape[-1] // 2))
+
+
+def top50(p, strict: bool):
+  """Classic top-50%: p >= thr (EZ-VSL, FNAC, SLAVC) or p > thr (LVS, SSL-TIE)."""
+  thr = top50_threshold(p)[..., None, None]
+  return p > thr if strict else p >= thr
+
+
+def adaptive_topk(p, k):
+  """Exactly k[...] pixels with the highest values (ties: lower flat index first).
+
+  k is the number of GT pixels of each frame (SSL-Align's oracle-size rule);
+  k = 0 predicts nothing.
+  """
+  flat = _flat(p)
+  n = flat.shape[-1]
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), flat.shape[:-1])
+  kth = kth_smallest(flat, jnp.clip(n - k, 0, n - 1))[..., None]
+  greater = flat > kth
+  equal = flat == kth
+  # Of the pixels tied with the k-th value keep just enough, in index order.
+  # The running count is a slow scan on CPU; skip it when no frame has more
+  # tied pixels than room for them.
+  room = k[..., None] - greater.sum(axis=-1, keepdims=True)
+  tied = jax.lax.cond(
+      (equal.sum(axis=-1, keepdims=True) > room).any(),
+      lambda: equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) <= room),
+      lambda: equal)
+  keep = (greater | tied) & (k[..., None] > 0)
+  return keep.reshape(p.shape)
+
+
+def raw_threshold(s, threshold: float):
+  """Absolute rule on the raw (not normalised) score: s >= threshold."""
+  return s >= threshold
+
+
+# ---- ground truth ------------------------------------------------------------
+
+def mask_union(masks, valid=None):
+  """[..., I, H, W] instance masks (optionally valid[..., I]) -> 0/1 float map."""
+  m = jnp.asarray(masks) > 0
+  if valid is not None:
+    m = m & jnp.asarray(valid, bool)[..., None, None]
+  return m.any(axis=-3).astype(jnp.float32)
+
+
+def _rasterize_boxes(corners, valid, height: int, width: int):
+  """Integer [x0, y0, x1, y1] boxes -> per-box coverage with half-open slices."""
+  x0, y0, x1, y1 = (corners[..., i, None, None] for i in range(4))
+  ys = jnp.arange(height)[:, None]
+  xs = jnp.arange(width)[None, :]
+  inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+  return inside & jnp.asarray(valid, bool)[..., None, None]
+
+
+def box_union(boxes, valid, height: int, width: int):
+  """VGG-SS GT: boxes [..., I, 4] normalised [x0, y0, x1, y1] -> 0/1 map.
+
+  As the peers do it: clip to [0, 1], scale to the map size, truncate to int,
+  rasterise with half-open slices [y0:y1, x0:x1]. The scaling is float32.
+  """
+  scale = jnp.array([width, height, width, height], jnp.float32)
+  corners = (jnp.clip(jnp.asarray(boxes, jnp.float32), 0, 1) * scale).astype(jnp.int32)
+  return _rasterize_boxes(corners, valid, height, width).any(axis=-3).astype(jnp.float32)
+
+
+def xywh_to_normalized_xyxy(boxes, height: int, width: int):
+  """[x, y, w, h] in mask pixels (the eval batches) -> normalised [x0, y0, x1, y1]."""
+  b = jnp.asarray(boxes, jnp.float32)
+  x0, y0 = b[..., 0] / width, b[..., 1] / height
+  return jnp.stack([x0, y0, x0 + b[..., 2] / width, y0 + b[..., 3] / height], axis=-1)
+
+
+def consensus_map(boxes, valid, size: int = 224, source_size: int = 256):
+  """Flickr-SoundNet GT: g = min(count / 2, 1) over all annotators' boxes.
+
+  boxes [..., I, 4] are [x0, y0, x1, y1] in `source_size` pixels, scaled by
+  int(size * v / source_size) as the peers do (then clipped to the map).
+  """
+  b = jnp.asarray(boxes, jnp.float32)
+  corners = jnp.clip((size * b / source_size).astype(jnp.int32), 0, size)
+  count = _rasterize_boxes(corners, valid, size, size).sum(axis=-3)
+  return jnp.minimum(count / 2.0, 1.0).astype(jnp.float32)
+
+
+def grid_oracle_map(gt, grid: Sequence[int], interpolation: str = 'bilinear'):
+  """The best map a model with an (h, w) grid can emit: GT area-averaged to the grid.
+
+  jax.image.resize's 'area' method averages the GT pixels covering each cell
+  (exact fractional overlaps), then the map goes back up with the same
+  interpolation the evaluator uses for model maps. Scoring this map gives the
+  oracle ceiling of a grid size (see `oracle_ciou`).
+  """
+  gt = jnp.asarray(gt, jnp.float32)
+  (h, w), (gh, gw) = gt.shape[-2:], tuple(grid)
+  if h % gh == 0 and w % gw == 0:
+    # Whole cells: block sums of 0/1 (or 0.5-step) weights are exact in any
+    # order, so the oracle does not depend on the batch shape.
+    blocks = gt.reshape(gt.shape[:-2] + (gh, h // gh, gw, w // gw))
+    pooled = blocks.sum(axis=(-3, -1)) / ((h // gh) * (w // gw))
+  else:
+    pooled = _resize(gt, grid, 'area')
+  return upsample(pooled, gt.shape[-2:], interpolation)
+
+
+# Thresholds tried on the normalised oracle map; 0 and 1 are excluded because
+# p > 0 keeps every cell touching the object and p > 1 keeps nothing.
+ORACLE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def oracle_ciou(gt, grid: Sequence[int], interpolation: str = 'bilinear'):
+  """Oracle ceiling of a grid: per frame, the best cIoU over ORACLE_THRESHOLDS.
+
+  Returns (best, adaptive): `best` = max over t of cIoU(norm(oracle) > t, gt),
+  `adaptive` = cIoU of the adaptive top-k rule on the same oracle map.
+  """
+  p = normalize(grid_oracle_map(gt, grid, interpolation))
+  best = ciou_above_thresholds(p, gt, ORACLE_THRESHOLDS).max(axis=-1)
+  return best, ciou(adaptive_topk(p, gt_pixels(gt)), gt)
+
+
+# ---- per-frame scores ------------------------------------------------------
+
+def gt_pixels(gt):
+  """Number of pixels with positive GT weight (the k of adaptive top-k)."""
+  return _sum_hw((jnp.asarray(gt) > 0).astype(jnp.int32))
+
+
+def ciou(pred, gt):
+  """sum(P*g) / (sum(g) + sum(P*[g == 0])); 0 when the denominator is 0.
+
+  Sums of 0/1 (or 0.5-multiples) stay exact in float32 up to 2**24 pixels,
+  so the value does not depend on how the batch is sharded.
+  """
+  pred = jnp.asarray(pred).astype(jnp.float32)
+  gt = jnp.asarray(gt, jnp.float32)
+  inter = _sum_hw(pred * gt)
+  union = _sum_hw(gt) + _sum_hw(pred * (gt == 0))
+  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def _counts_above(p, gt, thresholds):
+  """Per threshold t: (sum(g * [p > t]), #{p > t, g == 0}, #{p > t}) -> 3 x [..., T].
+
+  One threshold at a time (lax.map) keeps memory at one map and the program
+  small however many thresholds there are.
+  """
+  gt = jnp.asarray(gt, jnp.float32)
+
+  def counts(t):
+    above = p > t
+    return (jnp.where(above, gt, 0.0).sum(axis=(-2, -1)),
+            (above & (gt == 0)).sum(axis=(-2, -1)).astype(jnp.float32),
+            above.sum(axis=(-2, -1)).astype(jnp.float32))
+
+  out = jax.lax.map(counts, jnp.asarray(thresholds, jnp.float32))
+  return tuple(jnp.moveaxis(x, 0, -1) for x in out)
+
+
+def scores_above_thresholds(p, gt, thresholds: Sequence[float]):
+  """(cIoU, pIA) of the binarisation p > t for each t: two [..., T] arrays."""
+  inter, background, above = _counts_above(p, gt, thresholds)
+  union = _sum_hw(jnp.asarray(gt, jnp.float32))[..., None] + background
+  ciou_t = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+  return ciou_t, above / (p.shape[-2] * p.shape[-1])
+
+
+def ciou_above_thresholds(p, gt, thresholds: Sequence[float]):
+  """cIoU of (p > t) for each t: [..., len(thresholds)]."""
+  return scores_above_thresholds(p, gt, thresholds)[0]
+
+
+def pointing_hit(s, gt):
+  """The (first) argmax of the map lies on a pixel with positive GT weight."""
+  idx = jnp.argmax(_flat(s), axis=-1)
+  return jnp.take_along_axis(_flat(gt), idx[..., None], axis=-1)[..., 0] > 0
+
+
+def pointing_min_hit(s, gt):
+  """The (first) argmin lies on the source: the symptom of an inverted map."""
+  return pointing_hit(-jnp.asarray(s), gt)
+
+
+def _order_free_sum(x, where, scale):
+  """sum(x[where]) for 0 <= x <= scale, identical for any batch shape or sharding.
+
+  XLA's float reductions round differently when the batch shape changes (1
+  vs N processes, other padding), so the sum is taken in 20-bit fixed point
+  relative to `scale` (two int32 accumulators of 10 bits each, exact up to
+  2**21 pixels per map) and converted back: relative error <= 2**-20.
+  """
+  q = jnp.round(x / scale[..., None] * 2.0**20).astype(jnp.int32)
+  q = jnp.where(where, q, 0)
+  hi = (q >> 10).sum(axis=-1).astype(jnp.float32)
+  lo = (q & 1023).sum(axis=-1).astype(jnp.float32)
+  return (hi * 1024.0 + lo) / 2.0**20 * scale
+
+
+def confidence(a):
+  """SLAVC: mean of the top quarter (q = N//4 pixels, at least 1) of |a|."""
+  flat = jnp.abs(_flat(jnp.asarray(a, jnp.float32)))
+  n = flat.shape[-1]
+  q = max(1, n // 4)
+  # The q-th largest value v; the top quarter = everything above v plus as
+  # many copies of v as it takes to make q pixels.
+  v = kth_smallest(flat, jnp.full(flat.shape[:-1], n - q))
+  above = flat > v[..., None]
+  peak = flat.max(axis=-1)
+  scale = jnp.where(peak > 0, peak, 1.0)
+  total = _order_free_sum(flat, above, scale) + (q - above.sum(axis=-1)) * v
+  return total / q
+
+
+def pia(pred):
+  """Fraction of the image predicted positive (ideal 0 on a negative)."""
+  return _sum_hw(jnp.asarray(pred).astype(jnp.int32)) / (pred.shape[-2] * pred.shape[-1])

@@ -1,0 +1,137 @@
+"""Per-frame records: computed on device from a batch, gathered to every host.
+
+A record is everything the dataset scores need about one annotated frame, so
+pooling, calibration and reports run on small host arrays and never touch a
+heat map again. Computing them is one jitted function of the eval batch (its
+batch dimension may be sharded over any mesh); gathering is
+`process_allgather`, which EVERY process calls the same number of times
+(padding examples keep the batch count equal) and which leaves the same
+complete table on every host. Sorting by (clip_index, frame_index) then makes
+the table independent of the batch size and of the number of processes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from tavlo_jax.evaluation import metrics
+
+# Eval batch keys the records need (WORKSPACE.md "Batches").
+BATCH_KEYS = ('valid', 'ann_valid', 'gt_mask', 'tags', 'cross_event',
+              'clip_index', 'frame_index')
+# The absolute map of a cosine map is (cos + 1) / 2 in [0, 1]; SLAVC's
+# absolute rule keeps a >= 0.5, i.e. cos >= 0.
+ABS_THRESHOLD = 0.5
+
+# name -> (dtype, "K" when there is one value per AVATAR heatmap threshold).
+FIELDS = {
+    'clip_index': (np.int32, ''), 'frame_index': (np.int32, ''),
+    'tags': (np.bool_, 'S'), 'cross_event': (np.bool_, ''),
+    'gt_pixels': (np.int32, ''),
+    'ciou': (np.float32, 'K'),            # fixed threshold on the normalised map
+    'pia': (np.float32, 'K'),             # fraction predicted positive, same rule
+    'ciou_top50_ge': (np.float32, ''), 'ciou_top50_gt': (np.float32, ''),
+    'ciou_adaptive': (np.float32, ''),
+    'ciou_abs': (np.float32, ''), 'pia_abs': (np.float32, ''),
+    'hit': (np.bool_, ''), 'min_hit': (np.bool_, ''),
+    'raw_max': (np.float32, ''), 'raw_min': (np.float32, ''),
+    'confidence': (np.float32, ''),
+    'oracle_best': (np.float32, ''), 'oracle_adaptive': (np.float32, ''),
+    'finite': (np.bool_, ''),
+}
+
+
+def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str,
+                 with_oracle: bool = True) -> dict:
+  """Scores of N frames: heatmap [N, h, w] raw cosine, gt [N, H, W] weights."""
+  size = gt.shape[-2:]
+  finite = jnp.isfinite(heatmap).all(axis=(-2, -1))
+  heatmap = jnp.where(finite[:, None, None], heatmap, 0.0)   # keep NaN out of sorts
+  up = metrics.upsample(heatmap, size, interpolation)
+  p = metrics.normalize(up)
+  a = (up + 1.0) / 2.0
+  k = metrics.gt_pixels(gt)
+  # avatar_fixed (p > t) at every threshold, one pass per threshold.
+  ciou_fixed, pia_fixed = metrics.scores_above_thresholds(p, gt, thresholds)
+  out = {
+      'gt_pixels': k,
+      'ciou': ciou_fixed,
+      'pia': pia_fixed,
+      'ciou_top50_ge': metrics.ciou(metrics.top50(p, strict=False), gt),
+      'ciou_top50_gt': metrics.ciou(metrics.top50(p, strict=True), gt),
+      'ciou_adaptive': metrics.ciou(metrics.adaptive_topk(p, k), gt),
+      'ciou_abs': metrics.ciou(metrics.raw_threshold(a, ABS_THRESHOLD), gt),
+      'pia_abs': metrics.pia(metrics.raw_threshold(a, ABS_THRESHOLD)),
+      'hit': metrics.pointing_hit(up, gt),
+      'min_hit': metrics.pointing_min_hit(up, gt),
+      'raw_max': up.max(axis=(-2, -1)),
+      'raw_min': up.min(axis=(-2, -1)),
+      'confidence': metrics.confidence(a),
+      'finite': finite,
+  }
+  if with_oracle:
+    out['oracle_best'], out['oracle_adaptive'] = metrics.oracle_ciou(
+        gt, heatmap.shape[-2:], interpolation)
+  else:
+    out['oracle_best'] = out['oracle_adaptive'] = jnp.full(k.shape, jnp.nan)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('thresholds', 'interpolation', 'size',
+                                             'with_oracle'))
+def batch_records(heatmap, batch, *, thresholds, interpolation, size, with_oracle):
+  """Eval batch [B, T, ...] + heatmap [B, T, h, w] -> records [B*T, ...] + `keep`."""
+  b, t = heatmap.shape[:2]
+  gt = batch['gt_mask']
+  if tuple(gt.shape[-2:]) != tuple(size):
+    # Annotation size differs from the stored masks: nearest keeps them binary.
+    gt = jax.image.resize(gt, gt.shape[:-2] + tuple(size), 'nearest')
+  gt = (gt > 0).astype(jnp.float32).reshape((b * t,) + tuple(size))
+  out = frame_scores(heatmap.astype(jnp.float32).reshape((b * t,) + heatmap.shape[2:]), gt,
+                     thresholds=thresholds, interpolation=interpolation,
+                     with_oracle=with_oracle)
+  frame = lambda x: x.reshape((b * t,) + x.shape[2:])
+  out['clip_index'] = frame(jnp.broadcast_to(batch['clip_index'][:, None], (b, t)))
+  out['frame_index'] = frame(batch['frame_index'])
+  out['tags'] = frame(batch['tags'].astype(bool))
+  out['cross_event'] = frame(batch['cross_event'].astype(bool))
+  out['keep'] = frame(batch['valid'].astype(bool)[:, None] & batch['ann_valid'].astype(bool))
+  return out
+
+
+def to_global(tree, mesh, batch_axes=('data', 'fsdp')):
+  """Host-local numpy (this process's rows) -> global arrays split over batch_axes."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  return multihost_utils.host_local_array_to_global_array(tree, mesh, P(axes))
+
+
+def gather(records: dict) -> dict:
+  """Every process gets the full table (collective: call it on EVERY process).
+
+  Global (sharded) arrays come back whole; host-local arrays are concatenated
+  in process order. Padding rows are dropped with `keep`.
+  """
+  host = multihost_utils.process_allgather(records, tiled=True)
+  keep = np.asarray(host.pop('keep'), bool).reshape(-1)
+  return {k: np.asarray(v)[keep] for k, v in host.items()}
+
+
+def concat_sorted(chunks: list[dict], num_thresholds: int) -> dict:
+  """Chunks of gathered records -> one table ordered by (clip, frame)."""
+  if not chunks:
+    return empty(num_thresholds)
+  table = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  order = np.lexsort((table['frame_index'], table['clip_index']))
+  return {k: v[order] for k, v in table.items()}
+
+
+def empty(num_thresholds: int, num_tags: int = 4) -> dict:
+  shapes = {'': (0,), 'K': (0, num_thresholds), 'S': (0, num_tags)}
+  return {k: np.zeros(shapes[kind], dtype) for k, (dtype, kind) in FIELDS.items()}
