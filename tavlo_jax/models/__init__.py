@@ -1,0 +1,79 @@
+"""Models: `build_model(config)` turns the whole config into a Flax module.
+
+  module = build_model(config)
+  variables = module.init(rng, frames, audio, train=False)
+  out = module.apply(variables, frames, audio, train=False)
+  out, updates = module.apply(variables, frames, audio, train=True,
+                              mutable=['batch_stats'])   # norm == 'batch' only
+
+`out` is dict(visual [B,T,h,w,D], audio [B,T,D], heatmap [B,T,h,w]); see
+tavlo.py for D and the leak guard. Logical axis names used on parameters and
+activations (mapped to mesh axes by tavlo_jax/sharding.py): batch, time,
+space, height, width, embed, heads, head_dim, mlp, channels, mel, audio_time.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from tavlo_jax.models.attention import IMPLEMENTATIONS
+from tavlo_jax.models.audio_encoder import AudioEncoder
+from tavlo_jax.models.resnet import ResNet, total_stride
+from tavlo_jax.models.tavlo import EZVSL, TAVLO, upsample_heatmap
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  m, v = config.model, config.model.visual
+  if m.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={m.dtype!r}; expected one of '
+                     f'{sorted(DTYPES)}')
+  stride = total_stride(v.stem, v.stage_strides)
+  if v.output_stride != stride:
+    raise ValueError(
+        f'config.model.visual.output_stride={v.output_stride} but stem '
+        f'{v.stem!r} with stage_strides={tuple(v.stage_strides)} gives '
+        f'{stride}')
+  if config.input.image_size % stride:
+    raise ValueError(f'config.input.image_size={config.input.image_size} is '
+                     f'not a multiple of the output stride {stride}')
+  if m.attention_impl not in IMPLEMENTATIONS:
+    raise ValueError(f'config.model.attention_impl={m.attention_impl!r}; '
+                     f'expected one of {IMPLEMENTATIONS}')
+  if m.name == 'tavlo' and (m.embed_dim + m.temporal_pos_dim) % m.num_heads:
+    raise ValueError(
+        f'embed_dim + temporal_pos_dim = {m.embed_dim + m.temporal_pos_dim} '
+        f'must be divisible by config.model.num_heads={m.num_heads}')
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  _check(config)
+  m = config.model
+  dtype = DTYPES[m.dtype]
+  visual = ResNet(stage_sizes=tuple(m.visual.stage_sizes), width=m.visual.width,
+                  stem=m.visual.stem,
+                  stage_strides=tuple(m.visual.stage_strides),
+                  norm=m.visual.norm, dtype=dtype)
+  audio = AudioEncoder(channels=tuple(m.audio.channels), embed_dim=m.embed_dim,
+                       norm=m.audio.norm, dtype=dtype)
+  if m.name == 'ezvsl':
+    return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype)
+  if m.name != 'tavlo':
+    raise ValueError(f'config.model.name={m.name!r}; expected tavlo|ezvsl')
+  return TAVLO(
+      visual, audio, num_frames=config.input.num_frames,
+      embed_dim=m.embed_dim, temporal_pos_dim=m.temporal_pos_dim,
+      pos_encoding=m.pos_encoding, num_layers=m.num_layers,
+      num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+      temporal_attention=m.temporal_attention,
+      temporal_window=m.temporal_window, per_frame_audio=m.per_frame_audio,
+      cross_modal_attention=m.cross_modal_attention,
+      attention_impl=m.attention_impl, attention_block=m.attention_block,
+      dtype=dtype)
+
+
+__all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

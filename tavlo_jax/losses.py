@@ -1,0 +1,181 @@
+"""Multiple-instance contrastive losses over per-frame similarity maps.
+
+For frame t, clip i's audio token a_i^t is scored against clip j's visual bag
+{v_jn^t : n in h*w locations}:
+  pooled(i, j, t) = max_n  cos(a_i^t, v_jn^t)   (positives, i == j)
+                  = max_n or mean_n  cos(...)     (negatives, i != j)
+logits[t, i, j] = pooled / temperature; cross-entropy over j (audio -> visual)
+and over i (visual -> audio), averaged over frames, clips and directions.
+Everything is plain jnp over the GLOBAL batch: under jit with a sharded batch
+the negatives are all other clips of the global batch (XLA gathers them).
+
+Why the paper's summarised form (positives max, negatives MEAN) collapses
+(FINDINGS item 1, reproduced in tests/test_losses.py):
+  the positive and the negatives are pooled by different statistics of the
+  same kind of map, so the model can separate them without the audio. Make
+  every frame's visual map have one "peaky" token aligned with a shared
+  direction u, the rest anti-aligned, and let every audio token be near u.
+  Then for ANY audio a, max_n cos(a, v_n) ~ 1 while mean_n cos(a, v_n) ~ -1:
+  the positive (max) beats every negative (mean) by ~2/temperature whatever
+  the audio is, and the loss goes to ~0 with the audio carrying no
+  information. It is provable: with identical audio for every clip, a loss
+  that pools positives and negatives the SAME way (max/max or mean/mean)
+  cannot go below log(B) (each logit row is then the same vector, and the
+  average cross-entropy of a shared row over its diagonal is >= log B), while
+  max/mean goes to 0. What trains: the same pooling for both (max for both is
+  EZ-VSL's and our default; mean for both also stays honest but dilutes the
+  positive over background). The paper's form could only work if something
+  else forbade the degenerate map (e.g. a fixed objectness prior or an
+  audio-independent visual branch trained with another objective); we have
+  neither, so it is kept as `negatives='mean'` for the ablation only.
+
+Inverted maps (FINDINGS item 4): max pooling constrains only the arg-max
+location, so a map whose maximum sits on background can score as well as one
+peaking on the source. Nothing in this objective fixes the sign; use the aux
+metrics and `map_polarity` on labelled validation data to catch it.
+
+Collapse detectors in `aux`: `retrieval_accuracy` always scores with max/max
+pooling (is the audio actually matched to its own clip?) and
+`max_margin` = mean(pos max) - mean(neg max); a falling loss with
+retrieval_accuracy at chance (1/B) and max_margin ~0 is the collapse.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+POOLINGS = ('max', 'mean')
+
+
+def similarity_bags(visual, audio):
+  """cos(a_i^t, v_jn^t) -> [T, B_audio, B_visual, N] in float32.
+
+  visual: [B, T, ..., D] (any spatial axes, flattened) or [B, ..., D] with
+  T = 1 when audio is [B, D]; audio: [B, T, D], or [B, D] for one global
+  embedding shared by every frame.
+  """
+  if audio.ndim == 2:
+    audio = audio[:, None]
+    if visual.ndim == 4:               # [B, h, w, D] image-level batch
+      visual = visual[:, None]
+  b, t = visual.shape[:2]
+  if audio.shape[0] != b or audio.shape[1] not in (1, t):
+    raise ValueError(f'audio {audio.shape} does not match visual '
+                     f'{visual.shape} (expected [B, T, D] or [B, D])')
+  visual = visual.reshape(b, t, -1, visual.shape[-1]).astype(jnp.float32)
+  audio = jnp.broadcast_to(audio, (b, t, audio.shape[-1])).astype(jnp.float32)
+  return jnp.einsum('itd,jtnd->tijn', audio, visual)
+
+
+def _pool(sims, how):
+  if how == 'max':
+    return sims.max(-1)
+  if how == 'mean':
+    return sims.mean(-1)
+  raise ValueError(f'pooling {how!r}; expected one of {POOLINGS} '
+                   '(config.loss.negatives)')
+
+
+def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
+                      symmetric: bool = True, mask=None,
+                      positives: str = 'max'):
+  """Temporal-bag MIL contrastive loss. Returns (scalar loss, aux dict).
+
+  visual [B, T, h, w, D], audio [B, T, D] (or [B, D]): L2-normalised.
+  mask: bool [B] or [B, T]; False entries (padding clips, missing frames) are
+  neither anchors nor negatives.
+  aux: per_example [B] (mean over the clip's valid frames of its terms),
+  loss_a2v, loss_v2a, and the similarity statistics described above.
+  """
+  sims = similarity_bags(visual, audio)                 # [T, B, B, N]
+  t, b = sims.shape[:2]
+  diag = jnp.eye(b, dtype=bool)[None]
+  logits = jnp.where(diag, _pool(sims, positives), _pool(sims, negatives))
+  logits = logits / temperature                         # [T, Ba, Bv]
+
+  if mask is None:
+    valid = jnp.ones((t, b), bool)
+  else:
+    mask = jnp.asarray(mask, bool)
+    valid = jnp.broadcast_to(mask.reshape(b, -1), (b, t)).T    # [T, B]
+  pair_ok = valid[:, :, None] & valid[:, None, :]
+  masked = jnp.where(pair_ok, logits, -jnp.inf)
+  positive = jnp.diagonal(logits, axis1=1, axis2=2)    # [T, B]
+  # Rows of invalid anchors are all -inf; the where() below drops them, and
+  # the +0 guard keeps their (discarded) value finite so gradients stay clean.
+  safe = lambda x: jnp.where(valid, x, 0.0)
+  a2v = safe(jax.nn.logsumexp(jnp.where(valid[:, :, None], masked, 0.0), 2)
+             - positive)
+  v2a = safe(jax.nn.logsumexp(jnp.where(valid[:, None, :], masked, 0.0), 1)
+             - positive)
+  terms = (a2v + v2a) / 2 if symmetric else a2v         # [T, B]
+
+  n_valid = jnp.maximum(valid.sum(), 1)
+  mean_valid = lambda x: jnp.where(valid, x, 0.0).sum() / n_valid
+  frames_per_clip = jnp.maximum(valid.sum(0), 1)
+  per_example = terms.sum(0) / frames_per_clip
+
+  max_pooled = sims.max(-1)
+  mean_pooled = sims.mean(-1)
+  neg_ok = pair_ok & ~diag
+  n_neg = jnp.maximum(neg_ok.sum(), 1)
+  mean_neg = lambda x: jnp.where(neg_ok, x, 0.0).sum() / n_neg
+  retrieved = jnp.argmax(jnp.where(pair_ok, max_pooled, -jnp.inf), axis=2)
+  pos_max = mean_valid(jnp.diagonal(max_pooled, axis1=1, axis2=2))
+  neg_max = mean_neg(max_pooled)
+  aux = dict(
+      per_example=per_example,
+      loss_a2v=mean_valid(a2v),
+      loss_v2a=mean_valid(v2a),
+      pos_max_sim=pos_max,
+      pos_mean_sim=mean_valid(jnp.diagonal(mean_pooled, axis1=1, axis2=2)),
+      neg_max_sim=neg_max,
+      neg_mean_sim=mean_neg(mean_pooled),
+      max_margin=pos_max - neg_max,
+      retrieval_accuracy=mean_valid(retrieved == jnp.arange(b)[None]),
+  )
+  return mean_valid(terms), aux
+
+
+def ezvsl_loss(visual, audio, temperature: float, mask=None):
+  """EZ-VSL's max-MIL loss: one global audio embedding ([B, D] or tiled
+  [B, T, D]) against each frame's bag, max pooling for all pairs, both
+  directions. The same function as the temporal loss with T frames of
+  identical audio."""
+  return temporal_mil_loss(visual, audio, temperature, negatives='max',
+                           positives='max', symmetric=True, mask=mask)
+
+
+def map_polarity(heatmap, gt_mask):
+  """Mean map value inside the sounding region minus outside, per frame.
+
+  heatmap [..., h, w]; gt_mask [..., h, w] (resize one to the other first).
+  Negative on average over annotated frames = inverted maps (FINDINGS item 4).
+  Frames with an empty or full mask give NaN; average with jnp.nanmean.
+  """
+  m = gt_mask.astype(jnp.float32)
+  inside = (heatmap * m).sum((-2, -1)) / m.sum((-2, -1))
+  outside = (heatmap * (1 - m)).sum((-2, -1)) / (1 - m).sum((-2, -1))
+  return inside - outside
+
+
+def make_loss(config: ml_collections.ConfigDict):
+  """The configured loss as fn(model_outputs, mask=None) -> (loss, aux)."""
+  name, temperature = config.loss.name, config.model.temperature
+  if name == 'temporal_mil':
+    fn = functools.partial(temporal_mil_loss, temperature=temperature,
+                           negatives=config.loss.negatives,
+                           symmetric=config.loss.symmetric,
+                           # Optional field: 'mean' with negatives='mean' is
+                           # the consistent mean/mean form.
+                           positives=config.loss.get('positives', 'max'))
+  elif name == 'ezvsl':
+    fn = functools.partial(ezvsl_loss, temperature=temperature)
+  else:
+    raise ValueError(f'config.loss.name={name!r}; expected temporal_mil|ezvsl')
+  return lambda outputs, mask=None: fn(outputs['visual'], outputs['audio'],
+                                       mask=mask)

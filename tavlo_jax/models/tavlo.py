@@ -1,0 +1,256 @@
+"""TAVLO (video-level) and the EZ-VSL-style image-level baseline.
+
+Both map (frames uint8 [B, T, S, S, 3], log-mel [B, T*C, M]) to
+  visual  [B, T, h, w, D]  L2-normalised
+  audio   [B, T, D]        L2-normalised
+  heatmap [B, T, h, w]     cosine(audio_t, visual_t,y,x) in [-1, 1]
+(no temperature: that belongs to the loss, and evaluation only ranks pixels).
+
+TAVLO: D = Df + Dt. The temporal code is concatenated (as in the paper) and
+the tokens stay D wide through the AST blocks and the output heads: no
+projection back to Df, which would only mix the code into the features.
+
+Leak guard (FINDINGS item 2). With cross_modal_attention=False the spatial
+step lets the audio token attend only to itself and the visual tokens only to
+visual tokens; the temporal step attends along one token position (the audio
+token is its own position) and the MLP is per token. The visual tokens then
+never depend on the audio, so the contrastive task can only be solved by the
+similarity map. cross_modal_attention=True is the paper's joint
+[audio ; visual] attention, where a clip's own audio can leak into its
+visual tokens.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tavlo_jax.models.attention import MultiHeadAttention, window_or_none
+from tavlo_jax.models.audio_encoder import AudioEncoder
+from tavlo_jax.models.resnet import ResNet
+
+TOKEN_AXES = ('batch', 'time', 'space', 'embed')
+# torchvision's ImageNet statistics, so converted pretrained weights see the
+# inputs they were trained on.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_frames(frames, dtype):
+  if frames.dtype != jnp.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+    raise ValueError('frames must be uint8 [B, T, S, S, 3]; got '
+                     f'{frames.dtype} {frames.shape}')
+  x = frames.astype(jnp.float32) / 255.0
+  x = (x - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+  return x.astype(dtype)
+
+
+def l2_normalize(x, eps: float = 1e-6):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def cosine_heatmap(visual, audio):
+  """visual [B,T,h,w,D], audio [B,T,D], both unit norm -> [B,T,h,w]."""
+  return jnp.clip(jnp.einsum('bthwd,btd->bthw', visual, audio), -1.0, 1.0)
+
+
+def sinusoid_1d(length: int, dim: int) -> np.ndarray:
+  if dim % 2:
+    raise ValueError(f'sinusoidal encoding needs an even width; got {dim}')
+  pos = np.arange(length)[:, None]
+  freq = 1.0 / (10000.0 ** (np.arange(0, dim, 2) / dim))
+  return np.concatenate([np.sin(pos * freq), np.cos(pos * freq)], axis=1)
+
+
+def sinusoid_2d(h: int, w: int, dim: int) -> np.ndarray:
+  """[h*w, dim]: half the channels code the row, half the column."""
+  if dim % 4:
+    raise ValueError('sinusoidal 2-D encoding needs config.model.embed_dim '
+                     f'divisible by 4; got {dim}')
+  rows = np.repeat(sinusoid_1d(h, dim // 2), w, axis=0)
+  cols = np.tile(sinusoid_1d(w, dim // 2), (h, 1))
+  return np.concatenate([rows, cols], axis=1)
+
+
+def _dense(features, name, axes, dtype):
+  return nn.Dense(
+      features, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                               axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                             (axes[-1],)))
+
+
+def _layer_norm(name, dtype):
+  return nn.LayerNorm(
+      dtype=dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+class Mlp(nn.Module):
+  ratio: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    y = _dense(width * self.ratio, 'fc1', ('embed', 'mlp'), self.dtype)(x)
+    y = nn.with_logical_constraint(nn.gelu(y),
+                                   ('batch', 'time', 'space', 'mlp'))
+    return _dense(width, 'fc2', ('mlp', 'embed'), self.dtype)(y)
+
+
+class ASTBlock(nn.Module):
+  """Pre-norm divided attention: spatial (per frame), temporal, MLP.
+
+  Tokens [B, T, 1+N, D]; position 0 of the token axis is the audio token.
+  """
+  num_heads: int
+  mlp_ratio: int
+  temporal_attention: bool
+  temporal_window: int            # +-k frames; -1 whole clip
+  cross_modal_attention: bool
+  attention_impl: str
+  attention_block: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    mha = lambda axis, name: MultiHeadAttention(
+        self.num_heads, axis, self.attention_impl, self.attention_block,
+        self.dtype, name=name)
+    num_tokens = x.shape[2]
+    segments = None
+    if not self.cross_modal_attention:
+      segments = jnp.arange(num_tokens) > 0     # audio: 0, visual: 1
+      segments = segments.astype(jnp.int32)
+    y = _layer_norm('spatial_norm', self.dtype)(x)
+    x = x + mha('space', 'spatial_attention')(y, segment_ids=segments)
+    if self.temporal_attention:
+      window = window_or_none(self.temporal_window, x.shape[1])
+      y = _layer_norm('temporal_norm', self.dtype)(x)
+      x = x + mha('time', 'temporal_attention')(y, window=window)
+    y = _layer_norm('mlp_norm', self.dtype)(x)
+    x = x + Mlp(self.mlp_ratio, self.dtype, name='mlp')(y)
+    return nn.with_logical_constraint(x, TOKEN_AXES)
+
+
+class TAVLO(nn.Module):
+  """Video-level audio-visual localiser (per-frame audio tokens + AST)."""
+  visual_encoder: ResNet
+  audio_encoder: AudioEncoder
+  num_frames: int                  # T of the config: size of learned codes
+  embed_dim: int = 64              # Df
+  temporal_pos_dim: int = 16       # Dt
+  pos_encoding: str = 'learned'
+  num_layers: int = 1
+  num_heads: int = 4
+  mlp_ratio: int = 2
+  temporal_attention: bool = True
+  temporal_window: int = 2
+  per_frame_audio: bool = True
+  cross_modal_attention: bool = False
+  attention_impl: str = 'xla'
+  attention_block: int = 128
+  dtype: jnp.dtype = jnp.float32
+
+  def _codes(self, name, length, dim, sinusoid):
+    """A learned [length, dim] table, or the fixed `sinusoid()` table."""
+    if self.pos_encoding == 'sinusoidal':
+      return jnp.asarray(sinusoid(), self.dtype)
+    if self.pos_encoding != 'learned':
+      raise ValueError(f'config.model.pos_encoding={self.pos_encoding!r}; '
+                       'expected learned|sinusoidal')
+    table = self.param(
+        name, nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                           (None, 'embed')), (length, dim))
+    return table.astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, frames, audio, train: bool = False):
+    b, t = frames.shape[:2]
+    x = normalize_frames(frames, self.dtype)
+    feats = self.visual_encoder(x, train)                     # [B,T,h,w,C]
+    h, w = feats.shape[2:4]
+    visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
+                    self.dtype)(feats).reshape(b, t, h * w, self.embed_dim)
+    spatial = self._codes('spatial_pos', h * w, self.embed_dim,
+                          lambda: sinusoid_2d(h, w, self.embed_dim))
+    visual = nn.with_logical_constraint(visual + spatial, TOKEN_AXES)
+
+    tokens = self.audio_encoder(audio, t, train)              # [B,T,Df]
+    if not self.per_frame_audio:
+      tokens = jnp.broadcast_to(tokens.mean(1, keepdims=True), tokens.shape)
+
+    if t > self.num_frames and self.pos_encoding == 'learned':
+      raise ValueError(f'clip has {t} frames; the learned temporal code has '
+                       f'config.input.num_frames={self.num_frames}')
+    temporal = self._codes('temporal_pos', self.num_frames,
+                           self.temporal_pos_dim,
+                           lambda: sinusoid_1d(t, self.temporal_pos_dim))[:t]
+    x = jnp.concatenate([tokens[:, :, None], visual], axis=2)   # [B,T,1+N,Df]
+    code = jnp.broadcast_to(temporal[None, :, None],
+                            (b, t, 1 + h * w, self.temporal_pos_dim))
+    x = nn.with_logical_constraint(jnp.concatenate([x, code], -1), TOKEN_AXES)
+
+    for i in range(self.num_layers):
+      x = ASTBlock(self.num_heads, self.mlp_ratio, self.temporal_attention,
+                   self.temporal_window, self.cross_modal_attention,
+                   self.attention_impl, self.attention_block, self.dtype,
+                   name=f'block{i + 1}')(x)
+    x = _layer_norm('final_norm', self.dtype)(x)
+    width = x.shape[-1]
+    audio_out = _dense(width, 'audio_head', ('embed', None), self.dtype)(
+        x[:, :, 0])
+    visual_out = _dense(width, 'visual_head', ('embed', None), self.dtype)(
+        x[:, :, 1:]).reshape(b, t, h, w, width)
+    return make_outputs(visual_out, audio_out)
+
+
+class EZVSL(nn.Module):
+  """Image-level baseline: each frame alone, one audio embedding per clip.
+
+  No position codes and no attention: frame t's visual tokens depend on
+  frame t only, and the audio encoder's per-frame tokens are averaged over
+  the whole clip into one embedding, tiled over T. D = Df.
+  """
+  visual_encoder: ResNet
+  audio_encoder: AudioEncoder
+  embed_dim: int = 64
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames, audio, train: bool = False):
+    t = frames.shape[1]
+    feats = self.visual_encoder(normalize_frames(frames, self.dtype), train)
+    visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
+                    self.dtype)(feats)
+    clip_audio = self.audio_encoder(audio, t, train).mean(1)
+    clip_audio = _dense(self.embed_dim, 'audio_proj', ('embed', None),
+                        self.dtype)(clip_audio)
+    return make_outputs(
+        visual, jnp.broadcast_to(clip_audio[:, None],
+                                 (frames.shape[0], t, self.embed_dim)))
+
+
+def make_outputs(visual, audio):
+  visual, audio = l2_normalize(visual), l2_normalize(audio)
+  visual = nn.with_logical_constraint(
+      visual, ('batch', 'time', 'height', 'width', 'embed'))
+  audio = nn.with_logical_constraint(audio, ('batch', 'time', 'embed'))
+  return dict(visual=visual, audio=audio, heatmap=cosine_heatmap(visual, audio))
+
+
+
+def upsample_heatmap(heatmap, size, method: str = 'bilinear'):
+  """[..., h, w] -> [..., H, W] (size = (H, W)) with jax.image.resize.
+
+  Bilinear interpolation keeps values in the input's [min, max] range, so a
+  cosine map stays in [-1, 1].
+  """
+  size = tuple(int(s) for s in size)
+  return jax.image.resize(heatmap, heatmap.shape[:-2] + size, method=method)
