@@ -38,8 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = './data/tfds'        # where TFDS records live / are built
   c.dataset.manual_dir = ''                 # raw files for real data (AVATAR/VGGSound)
   c.dataset.build_if_missing = True         # synth only: build before training if absent
+  c.dataset.eval_name = ''                  # evaluate on another dataset ('' = same), e.g. avatar
+  c.dataset.eval_builder_config = ''
   c.dataset.train_split = 'train'
-  c.dataset.val_split = 'validation'        # calibrates Off-screen thresholds, never test
+  c.dataset.val_split = 'validation'        # calibrates Off-screen thresholds, never test ('' = none)
   c.dataset.eval_split = 'test'
 
   c.input = ml_collections.ConfigDict()
@@ -88,18 +90,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.per_frame_audio = True            # False: one clip-level audio token, tiled
   c.model.cross_modal_attention = False     # True: audio and visual tokens attend to each
   #                                           other in the spatial step (leaks own audio)
-  c.model.attention_impl = 'xla'            # xla (jax.nn.dot_product_attention) | blockwise | ring
+  c.model.attention_impl = 'xla'            # xla (jax.nn.dot_product_attention) | blockwise |
+  #                                           ring | all_to_all (time sharded over `seq`)
   c.model.attention_block = 128             # query/key block for blockwise/ring paths
   c.model.temperature = 0.07                # cosine similarity / temperature
   c.model.visual = ml_collections.ConfigDict()
-  c.model.visual.stage_sizes = (1, 1, 1)    # ResNet-18 is (2, 2, 2, 2)
+  c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
   c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)
-  c.model.visual.stem = 'small'             # imagenet (7x7/2 + maxpool) | small (3x3/1)
-  c.model.visual.stage_strides = (2, 2, 2)  # per-stage stride (first stage included)
+  c.model.visual.stem = 'imagenet'          # imagenet (7x7/2 + maxpool) | small (3x3/1)
+  c.model.visual.stage_strides = (1, 2)     # per-stage stride (first stage included)
   c.model.visual.norm = 'group'             # batch | group
   c.model.visual.output_stride = 8          # checked against stem/strides: H/8 grid
   c.model.audio = ml_collections.ConfigDict()
-  c.model.audio.channels = (32, 64)         # 2-D conv widths before the token conv
+  c.model.audio.channels = (16, 32)         # 2-D conv widths before the token conv
   c.model.audio.norm = 'group'
 
   c.loss = ml_collections.ConfigDict()
@@ -109,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- optimisation ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'adamw'
+  c.optimizer.name = 'adamw'                # adamw | sgd (momentum 0.9)
   c.optimizer.learning_rate = 1e-3          # peak
   c.optimizer.warmup_steps = 50
   c.optimizer.schedule = 'cosine'           # cosine | constant
@@ -119,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.accumulate_steps = 1          # gradient accumulation (optax.MultiSteps)
 
   c.train = ml_collections.ConfigDict()
-  c.train.total_steps = 600
+  c.train.total_steps = 500
   c.train.log_every_steps = 20
   c.train.checkpoint_every_steps = 200
   c.train.max_to_keep = 2

@@ -8,6 +8,7 @@ r"""Entry point: train and/or evaluate TAVLO.
 from __future__ import annotations
 
 import difflib
+import logging as logging_std
 import os
 import sys
 
@@ -49,7 +50,18 @@ def _init_distributed():
   jax.distributed.initialize(**kwargs)  # the rest comes from the environment
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of Orbax/absl internals from the console; keeps warnings."""
+  NOISY = ('orbax', 'checkpoint_manager', 'async_checkpointer', 'xla_bridge')
+
+  def filter(self, record):
+    if record.levelno >= logging_std.WARNING:
+      return True
+    return not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _WORKDIR.value is None:

@@ -26,7 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('xla', 'blockwise', 'ring')
+# 'ring' and 'all_to_all' are the two ways temporal attention crosses the
+# `seq` mesh axis (ring_attention.py; all_to_all measured faster, BENCHMARKS.md).
+IMPLEMENTATIONS = ('xla', 'blockwise', 'ring', 'all_to_all')
+SEQ_PARALLEL = ('ring', 'all_to_all')
 
 
 def allowed_pairs(q_pos, k_pos, window: int = -1, q_seg=None, k_seg=None):
@@ -101,7 +104,8 @@ def blockwise_attention(q, k, v, *, window: int = -1, segment_ids=None,
   return (acc / jnp.moveaxis(l, 1, 2)[..., None]).astype(q.dtype)
 
 
-def ring_attention(q, k, v, *, window: int = -1, block_size: int = 128):
+def ring_attention(q, k, v, *, window: int = -1, block_size: int = 128,
+                   impl: str = 'ring'):
   """Temporal attention of unfolded [B, T, N, H, d] arrays, T over 'seq'.
 
   Needs a mesh set with `jax.set_mesh` (the train step's); imported lazily so
@@ -116,7 +120,7 @@ def ring_attention(q, k, v, *, window: int = -1, block_size: int = 128):
         'tavlo_jax/models/ring_attention.py (ring_temporal_attention), which '
         "is not present; use 'xla' or 'blockwise'.") from e
   return ring.ring_temporal_attention(q, k, v, window=window, seq_axis='seq',
-                                      block_size=block_size)
+                                      block_size=block_size, impl=impl)
 
 
 def attend(q, k, v, *, impl: str, window: int = -1, segment_ids=None,
@@ -206,7 +210,7 @@ class MultiHeadAttention(nn.Module):
     if self.axis == 'space':
       fold = lambda y: y.reshape(b * t, n, self.num_heads, head_dim)
       unfold = lambda y: y.reshape(b, t, n, self.num_heads, head_dim)
-      impl = 'xla' if self.impl == 'ring' else self.impl  # frames are local
+      impl = 'xla' if self.impl in SEQ_PARALLEL else self.impl  # frames are local
     elif self.axis == 'time':
       fold = lambda y: jnp.swapaxes(y, 1, 2).reshape(
           b * n, t, self.num_heads, head_dim)
@@ -215,8 +219,9 @@ class MultiHeadAttention(nn.Module):
       impl = self.impl
     else:
       raise ValueError(f'attention axis {self.axis!r}; expected space|time')
-    if impl == 'ring':       # works on the unfolded grid, T sharded over 'seq'
-      out = ring_attention(q, k, v, window=window, block_size=self.block_size)
+    if impl in SEQ_PARALLEL:  # works on the unfolded grid, T sharded over 'seq'
+      out = ring_attention(q, k, v, window=window, block_size=self.block_size,
+                           impl=impl)
     else:
       out = unfold(attend(fold(q), fold(k), fold(v), impl=impl, window=window,
                           segment_ids=segment_ids,

@@ -1,0 +1,141 @@
+r"""TAVLO vs the image-level baseline on AVATAR-Synth, several seeds, one table.
+
+  python launch/compare_synth.py --out=workdirs/compare            # 3 seeds x 2 models
+  python launch/compare_synth.py --out=workdirs/compare --seeds=0 --models=tavlo,ezvsl
+
+Each (model, seed) is one run of the main job (`configs/avatar_synth.py:<variant>`),
+in `<out>/<model>_seed<k>/`; finished runs are reused, so the script can be
+stopped and restarted. Writes `<out>/comparison.md` (mean +- std over seeds per
+scenario and metric), `<out>/comparison.json` and `<out>/comparison.png` (bars
+per scenario, and the same Multi-entity clip's heat maps for each model).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+import numpy as np
+
+_OUT = flags.DEFINE_string('out', 'workdirs/compare', 'Output directory.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+_MODELS = flags.DEFINE_list('models', ['tavlo', 'ezvsl'],
+                            'Config variants (tavlo = the default).')
+_EXTRA = flags.DEFINE_multi_string('override', [], 'Extra --config.x=y for every run.')
+
+# (key in eval.json's per-scenario entry, column title)
+METRICS = (('pointing_game', 'pointing'), ('ciou', 'mean cIoU@0.1'),
+           ('adaptive/mean', 'adaptive mean cIoU'), ('adaptive/success', 'adaptive cIoU>=0.5'),
+           ('tn', 'TN%'))
+SCENARIOS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen')
+
+
+def _run_dir(model: str, seed: str) -> str:
+  return os.path.join(_OUT.value, f'{model}_seed{seed}')
+
+
+def _final_eval(run_dir: str) -> dict | None:
+  paths = sorted(glob.glob(os.path.join(run_dir, 'eval', 'step_*', 'eval.json')),
+                 key=lambda p: int(p.split('step_')[-1].split(os.sep)[0]))
+  if not paths:
+    return None
+  with open(paths[-1]) as f:
+    return json.load(f)
+
+
+def _train(model: str, seed: str) -> None:
+  variant = f'seed={seed}' if model == 'tavlo' else f'{model}+seed={seed}'
+  cmd = [sys.executable, '-m', 'tavlo_jax.main',
+         f'--config=configs/avatar_synth.py:{variant}',
+         f'--workdir={_run_dir(model, seed)}', *[f'--config.{o}' for o in _EXTRA.value]]
+  print('+', ' '.join(cmd), flush=True)
+  subprocess.run(cmd, check=True)
+
+
+def _value(results: dict, scenario: str, metric: str):
+  v = results['scenarios'].get(scenario, {}).get(metric)
+  if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+    return float(v)
+  return None
+
+
+def _table(all_results: dict) -> tuple[str, dict]:
+  summary = {}
+  lines = ['| model | scenario | ' + ' | '.join(n for _, n in METRICS) + ' |',
+           '|---|---|' + '---|' * len(METRICS)]
+  for model, runs in all_results.items():
+    for scenario in SCENARIOS:
+      cells = []
+      for key, _ in METRICS:
+        vals = [v for v in (_value(r, scenario, key) for r in runs) if v is not None]
+        if vals:
+          mean, std = float(np.mean(vals)), float(np.std(vals))
+          summary.setdefault(model, {}).setdefault(scenario, {})[key] = {
+              'mean': mean, 'std': std, 'n': len(vals)}
+          cells.append(f'{mean:.1f} +- {std:.1f}')
+        else:
+          cells.append('-')
+      lines.append(f'| {model} | {scenario} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n', summary
+
+
+def _figure(summary: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  models = list(summary)
+  overlays = []
+  for model in models:
+    pngs = sorted(glob.glob(os.path.join(_run_dir(model, _SEEDS.value[0]), 'eval',
+                                         'step_*', 'overlays', 'multi_*.png')))
+    overlays.append(pngs[0] if pngs else None)
+  fig = plt.figure(figsize=(12, 3.2 + 1.6 * len(models)))
+  ax = fig.add_axes([0.07, 0.55, 0.9, 0.38])
+  width = 0.8 / max(len(models), 1)
+  scen = [s for s in SCENARIOS if s != 'offscreen']
+  for i, model in enumerate(models):
+    means = [summary[model].get(s, {}).get('pointing_game', {}).get('mean', 0) for s in scen]
+    stds = [summary[model].get(s, {}).get('pointing_game', {}).get('std', 0) for s in scen]
+    ax.bar(np.arange(len(scen)) + i * width, means, width, yerr=stds, label=model)
+  ax.set_xticks(np.arange(len(scen)) + width * (len(models) - 1) / 2, scen)
+  ax.set_ylabel('pointing game (%)')
+  ax.set_ylim(0, 100)
+  ax.legend()
+  for i, (model, png) in enumerate(zip(models, overlays)):
+    if png is None:
+      continue
+    sub = fig.add_axes([0.02, 0.5 - (i + 1) * 0.5 / len(models), 0.96, 0.45 / len(models)])
+    sub.imshow(np.asarray(Image.open(png)))
+    sub.set_title(f'{model}: {os.path.basename(png)} (top: frames, bottom: heat map; '
+                  'cyan = sounding object)', fontsize=8)
+    sub.axis('off')
+  fig.savefig(path, dpi=110)
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT.value, exist_ok=True)
+  all_results = {}
+  for model in _MODELS.value:
+    for seed in _SEEDS.value:
+      if _final_eval(_run_dir(model, seed)) is None:
+        _train(model, seed)
+      all_results.setdefault(model, []).append(_final_eval(_run_dir(model, seed)))
+  text, summary = _table(all_results)
+  header = (f'AVATAR-Synth test split, seeds {",".join(_SEEDS.value)} '
+            f'(mean +- std over seeds), all numbers in percent\n\n')
+  with open(os.path.join(_OUT.value, 'comparison.md'), 'w') as f:
+    f.write(header + text)
+  with open(os.path.join(_OUT.value, 'comparison.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  _figure(summary, os.path.join(_OUT.value, 'comparison.png'))
+  print(header + text)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,110 @@
+"""Runs the model over eval splits and turns heat maps into reports.
+
+  validation split -> Off-screen raw threshold (calibration, never on test)
+  test split       -> per-frame records -> pooled per `config.evals` entry
+                   -> eval/step_<N>/{eval.json, eval.md, eval_frames.csv,
+                      overlays/*.png|gif} + TensorBoard scalars and images
+
+Every process runs the same number of batches and calls every collective;
+only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from tavlo_jax.evaluation import evaluator as evaluator_lib
+from tavlo_jax.evaluation import report, visualize
+
+# How many leading test batches are kept on the host for overlays.
+_OVERLAY_BATCHES = 2
+
+
+def predict_split(config, state, predict_fn, data, mesh, split: str,
+                  keep_batches: int = 0, desc: str = ''):
+  """Scores `split`; returns (evaluator, kept host batches with their maps)."""
+  from tavlo_jax import input_data  # pylint: disable=g-import-not-at-top
+  ev = evaluator_lib.Evaluator(config, protocol=config.eval.protocol, mesh=mesh)
+  batches = data.eval_batches(split)
+  kept = []
+  t0 = time.perf_counter()
+  for i, host_batch in enumerate(batches):
+    batch = input_data.to_global(host_batch, mesh)
+    heatmap = predict_fn(state, batch)
+    ev.add(batch, heatmap)
+    if i < keep_batches:
+      # Collective on purpose: every process takes part, process 0 keeps rows.
+      full = multihost_utils.process_allgather(heatmap, tiled=True)
+      rows = len(host_batch['valid'])
+      kept.append((host_batch, np.asarray(full)[:rows]))
+    if (i + 1) % 10 == 0 or i + 1 == len(batches):
+      elapsed = time.perf_counter() - t0
+      logging.info('eval %s %s: batch %d/%d (%.1f s, ETA %.0f s)', desc, split, i + 1,
+                   len(batches), elapsed, elapsed / (i + 1) * (len(batches) - i - 1))
+  return ev, kept
+
+
+def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: int,
+             final: bool) -> dict:
+  calibration = None
+  d = config.dataset
+  if config.eval.offscreen_rule == 'raw_max' and data.has_split(d.val_split):
+    val_ev, _ = predict_split(config, state, predict_fn, data, mesh, d.val_split,
+                              desc='calibration')
+    calibration = val_ev.calibrate()
+    logging.info('Off-screen raw threshold calibrated on %s: %s', d.val_split,
+                 json.dumps(calibration))
+  ev, kept = predict_split(config, state, predict_fn, data, mesh, d.eval_split,
+                           keep_batches=_OVERLAY_BATCHES, desc='test')
+  table = ev.records()
+  results = ev.finalize(calibration)
+  results['step'] = step
+  results['split'] = d.eval_split
+  results['dataset'] = f'{d.name}/{d.builder_config}'
+  results['model'] = config.model.name
+
+  writer.scalars(step, evaluator_lib.scalar_metrics(results))
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, 'eval', f'step_{step}')
+    paths = report.write(out_dir, results, table)
+    images = _overlays(config, table, kept, os.path.join(out_dir, 'overlays'))
+    writer.images(step, images)
+    table_text = report.format_table(results)
+    sign = results.get('map_sign', {})
+    logging.info('Evaluation at step %d (%s):\n%s', step, paths['markdown'], table_text)
+    if sign.get('inverted'):
+      logging.warning('MAP SIGN CHECK: the maps look inverted (the minimum lands on the '
+                      'source more often than the maximum): %s', json.dumps(sign))
+    if final:
+      # The one thing a user running the main job wants to see.
+      print(f'\n{results["dataset"]} {d.eval_split}, {config.model.name}, step {step}\n'
+            f'{table_text}\nReports: {out_dir}', flush=True)
+  return results
+
+
+def _overlays(config, table, kept, out_dir) -> dict[str, np.ndarray]:
+  """PNG grid + GIF for the first clips of each scenario; TensorBoard images."""
+  images = {}
+  n = int(config.eval.num_visualized_clips)
+  for name, entry in config.evals.items():
+    wanted = set(visualize.select_clips(table, entry.frames, 10 ** 6))
+    done = 0
+    for host_batch, heat in kept:
+      for r in range(len(host_batch['valid'])):
+        clip = int(host_batch['clip_index'][r])
+        if done >= n or not host_batch['valid'][r] or clip not in wanted:
+          continue
+        label = f'{name}_clip{clip}_f{int(host_batch["frame_index"][r][0])}'
+        visualize.write_clip(out_dir, label, host_batch['frames'][r], heat[r],
+                             host_batch['gt_mask'][r], host_batch['ann_valid'][r])
+        images.update(visualize.tensorboard_images(host_batch, heat, [r],
+                                                   prefix=f'overlay/{name}/'))
+        done += 1
+  return images

@@ -1,0 +1,108 @@
+"""From `config.dataset` to grain iterators: find (or build) the records.
+
+The trainer and evaluator only see `Data`; which dataset sits behind it
+(avatar_synth, avatar, vggsound) is a config value.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+
+import jax
+import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
+
+from tavlo_jax.data import pipeline
+
+
+def get_builder(config, *, for_eval: bool = False) -> tfds.core.DatasetBuilder:
+  """Imports `tavlo_datasets.<name>` (registers it) and returns its builder.
+
+  `for_eval`: the evaluation dataset (`dataset.eval_name`, e.g. AVATAR while
+  training on VGGSound); the training one when `eval_name` is empty.
+  """
+  d = config.dataset
+  name, builder_config = d.name, d.builder_config
+  if for_eval and d.eval_name:
+    name, builder_config = d.eval_name, d.eval_builder_config
+  try:
+    importlib.import_module(f'tavlo_datasets.{name}')
+  except ModuleNotFoundError as e:
+    raise ValueError(f'config.dataset: no builder package datasets/{name}/ '
+                     f'for dataset {name!r} ({e})') from None
+  full = f'{name}/{builder_config}' if builder_config else name
+  return tfds.builder(full, data_dir=os.path.abspath(d.data_dir))
+
+
+def build_command(config, builder) -> str:
+  d = config.dataset
+  name = builder.name
+  cfg = builder.builder_config.name if builder.builder_config else ''
+  manual = f' --manual_dir={d.manual_dir or "<raw files>"}' if name != 'avatar_synth' else ''
+  return (f'python -m tavlo_datasets.build {name}' + (f' --config={cfg}' if cfg else '')
+          + f' --data_dir={d.data_dir} --file_format=array_record{manual}')
+
+
+def ensure_built(config, builder) -> None:
+  """Builds synthetic data if absent (process 0; the others wait)."""
+  if builder.is_prepared():
+    return
+  d = config.dataset
+  if not (d.build_if_missing and builder.name == 'avatar_synth'):
+    raise SystemExit(
+        f'{builder.info.full_name} is not built in {d.data_dir}. Build it with:\n'
+        f'  {build_command(config, builder)}')
+  if jax.process_index() == 0:
+    logging.info('Building %s into %s (once; later runs reuse it) ...',
+                 builder.info.full_name, d.data_dir)
+    t0 = time.perf_counter()
+    builder.download_and_prepare(file_format='array_record')
+    logging.info('Built %s in %.0f s.', builder.info.full_name, time.perf_counter() - t0)
+  multihost_utils.sync_global_devices('tavlo_jax.input_data.ensure_built')
+
+
+class Data:
+  """Data sources of one dataset and the pipelines over them."""
+
+  def __init__(self, config, train_builder, eval_builder):
+    self.config = config
+    self.train_builder = train_builder
+    self.eval_builder = eval_builder
+
+  @staticmethod
+  def _source(builder, split: str):
+    if split not in builder.info.splits:
+      raise ValueError(f'{builder.info.full_name} has no split {split!r}; '
+                       f'it has {sorted(builder.info.splits)}')
+    return builder.as_data_source(split=split)
+
+  def train_iterator(self):
+    src = self._source(self.train_builder, self.config.dataset.train_split)
+    return pipeline.make_train_iterator(self.config, src)
+
+  @functools.cache  # pylint: disable=method-cache-max-size-none
+  def eval_batches(self, split: str) -> pipeline.EvalBatches:
+    src = self._source(self.eval_builder, split)
+    return pipeline.make_eval_batches(self.config, src,
+                                      windows=pipeline.plan_eval_windows(self.config, src))
+
+  def has_split(self, split: str) -> bool:
+    return bool(split) and split in self.eval_builder.info.splits
+
+
+def prepare(config, workdir: str | None = None) -> Data:
+  del workdir
+  builders = []
+  for for_eval in (False, True):
+    builder = get_builder(config, for_eval=for_eval)
+    ensure_built(config, builder)
+    builders.append(get_builder(config, for_eval=for_eval))  # re-read split info
+  return Data(config, *builders)
+
+
+def to_global(host_batch, mesh):
+  return pipeline.make_global_batch(host_batch, mesh)
