@@ -393,19 +393,32 @@ def test_process_shards_are_disjoint_and_cover_the_split_each_epoch(
   n = len(train_source)                     # 16 records
   c = small_config()
   c.input.batch_size = 8                    # 4 per process, 2 batches/epoch
-  seen = {}
+  per_process = []
   for p in range(2):
     it = pipeline.make_train_iterator(c, train_source, process_index=p,
                                       process_count=2)
-    epochs = [np.concatenate([b['clip_index'] for b in take(it, 2)])
-              for _ in range(2)]
-    for e in epochs:
-      assert len(set(e)) == n // 2          # a permutation of the shard
-    assert set(epochs[0]) == set(epochs[1])
-    assert not np.array_equal(epochs[0], epochs[1])   # reshuffled
-    seen[p] = set(epochs[0])
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(n))
+    per_process.append([np.concatenate([b['clip_index'] for b in take(it, 2)])
+                        for _ in range(2)])
+  for epoch in range(2):
+    a, b = (set(per_process[p][epoch]) for p in range(2))
+    assert len(a) == len(b) == n // 2       # no repeats within an epoch
+    assert not a & b                        # disjoint
+    assert a | b == set(range(n))           # together: the whole split
+  assert not np.array_equal(per_process[0][0], per_process[0][1])  # reshuffled
+
+
+def test_global_batches_do_not_depend_on_the_process_count(train_source):
+  c = small_config()
+  c.input.batch_size = 8
+  one = pipeline.make_train_iterator(c, train_source, process_index=0, process_count=1)
+  two = [pipeline.make_train_iterator(c, train_source, process_index=p, process_count=2)
+         for p in range(2)]
+  for _ in range(5):                        # crosses an epoch boundary
+    whole = next(one)
+    halves = [next(it) for it in two]
+    for key in ('clip_index', 'frames', 'frame_index'):
+      np.testing.assert_array_equal(
+          whole[key], np.concatenate([h[key] for h in halves]))
 
 
 def test_global_batch_must_split_over_processes(train_source):

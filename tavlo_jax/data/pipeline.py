@@ -5,10 +5,12 @@ source (`tfds.data_source(...)` / `builder.as_data_source(split)`) of records
 in the shared schema (datasets/schema.py), and never asks which dataset it is.
 
 Training (`make_train_iterator`)
-  record indices -> this process's shard (indices p, p+P, ...) -> shuffle,
-  reshuffled every epoch -> repeat forever -> cut a clip + augment -> batch.
-  Each process reads a disjoint shard; together they cover the split once
-  per epoch. The randomness of an example is a function of (seed, epoch,
+  record indices -> one global stream shuffled with the same seed on every
+  process, reshuffled every epoch, repeated forever -> this process's rows of
+  each global batch -> cut a clip + augment -> batch. The global batches do
+  not depend on the number of processes (2 processes x 4 devices train
+  exactly like 1 x 8), and within an epoch the processes read disjoint
+  records that together cover the split. The randomness of an example is a function of (seed, epoch,
   record index) only (`np.random.SeedSequence`), so it does not depend on
   the number of processes or workers.
   Batching happens BEFORE `to_iter_dataset`/`mp_prefetch`: a worker builds
@@ -32,7 +34,6 @@ batch dimension sharded over the mesh's data axes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -93,8 +94,23 @@ def _audio_outputs(waveform: np.ndarray, config, spec_rng=None) -> dict:
 # ---- training ---------------------------------------------------------------
 
 
-def _epoch_and_record(shard_len: int, stream_index: int, record: int):
-  return stream_index // shard_len, int(record)
+class _GlobalStreamSlice:
+  """Local element j of process p -> (epoch, record) of the GLOBAL stream.
+
+  Every process shuffles the whole split with the same seed (one global
+  stream, reshuffled each epoch) and takes its rows of each global batch:
+  rows [p*b, (p+1)*b) of batch k are global elements k*B + p*b + i. So the
+  global batches, hence training, are identical for any number of processes,
+  and within an epoch the processes still read disjoint records.
+  """
+
+  def __init__(self, stream, num_records, local_batch, global_batch, process_index):
+    self.stream, self.n = stream, num_records
+    self.b, self.B, self.p = local_batch, global_batch, process_index
+
+  def __call__(self, j: int):
+    g = (j // self.b) * self.B + self.p * self.b + (j % self.b)
+    return g // self.n, int(self.stream[g])
 
 
 class _TrainExample:
@@ -135,12 +151,13 @@ def make_train_dataset(config, data_source, *, process_index=None,
   seed = config.seed if seed is None else seed
   batch = host_batch_size(config.input.batch_size, process_count)
   num_records = len(data_source)
-  shard = grain.MapDataset.range(num_records)[process_index::process_count]
-  if len(shard) == 0:  # pylint: disable=g-explicit-length-test
+  if num_records < process_count:
     raise ValueError(f'the training split has {num_records} records: too few '
                      f'for {process_count} processes')
-  ds = shard.shuffle(seed=seed + config.input.shuffle_buffer_seed).repeat()
-  ds = ds.map_with_index(functools.partial(_epoch_and_record, len(shard)))
+  stream = grain.MapDataset.range(num_records).shuffle(
+      seed=seed + config.input.shuffle_buffer_seed).repeat()
+  ds = grain.MapDataset.range(len(stream) // process_count).map(_GlobalStreamSlice(
+      stream, num_records, batch, batch * process_count, process_index))
   ds = ds.map(_TrainExample(data_source, config, seed))
   ds = ds.batch(batch, drop_remainder=True)
   return _to_iter(ds, config)
