@@ -235,6 +235,7 @@ def write_mp4(path, frames: np.ndarray, fps: float,
   if height % 2 or width % 2:
     raise ValueError(f'{path}: h264/yuv420p needs even height and width, got '
                      f'{height}x{width}')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   options = {'movflags': 'faststart'} if faststart else {}
   with av.open(os.fspath(path), 'w', options=options) as container:
     rate = Fraction(fps).limit_denominator(1001)

@@ -153,13 +153,6 @@ def collect_videos(video_dir: epath.Path, metadata_dir: epath.Path,
   return items
 
 
-def _empty_frames_annotated() -> dict:
-  return {'frame_index': np.zeros((0,), np.int32),
-          'time': np.zeros((0,), np.float32), 'frame_id': [],
-          'tags': np.zeros((0, len(schema.SCENARIOS)), np.bool_),
-          'cross_event': np.zeros((0,), np.bool_)}
-
-
 def _stack(rows: dict, empty: dict) -> dict:
   """Column lists -> arrays typed like `empty` (which is used if no rows)."""
   if not rows:
@@ -229,7 +222,7 @@ def _video_record(item: VideoItem, *, fps: float, frame_size, mask_size,
     record['original_height'] = np.int32(item.annotations[0].original_height)
   record['video_id'] = item.video_id
   record['frames_annotated'] = _stack(frames_annotated,
-                                      _empty_frames_annotated())
+                                      schema.empty_frames_annotated())
   record['instances'] = _stack(instances, schema.empty_instances(*mask_size))
   return record
 

@@ -23,61 +23,19 @@ annotation: {"segmentation": [], "bbox": [], "audio_visual_category": "",
 
 from __future__ import annotations
 
-import fractions
 import json
 import os
 from typing import Any, Iterable
 
-import av
 import contourpy  # matplotlib's contour engine
 import numpy as np
 
 from tavlo_datasets import schema
+from tavlo_datasets.media import write_mp4  # pylint: disable=unused-import (re-exported)
 
 # The `task` strings written for each scenario (AVATAR's spellings).
 TASK_STRINGS = {'single': 'single', 'mixed': 'mixed', 'multi': 'multi',
                 'offscreen': 'Off-Screen'}
-
-
-# ---------------------------------------------------------------------- video
-
-
-def write_mp4(path: str, frames: np.ndarray, fps: float,
-              waveform: np.ndarray | None = None,
-              sample_rate: int = 16000, crf: int = 18) -> None:
-  """uint8 frames [N, H, W, 3] (+ mono f32 waveform) -> h264/aac mp4 (PyAV)."""
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f'{path}: frames must be uint8 [N, H, W, 3], got '
-                     f'{frames.dtype} {frames.shape}')
-  n, h, w, _ = frames.shape
-  if h % 2 or w % 2:
-    raise ValueError(f'{path}: yuv420p h264 needs even frame sizes, got {w}x{h}')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with av.open(path, 'w') as out:
-    video = out.add_stream('libx264', rate=fractions.Fraction(fps).limit_denominator(1001))
-    video.width, video.height, video.pix_fmt = w, h, 'yuv420p'
-    video.options = {'crf': str(crf), 'preset': 'veryfast'}
-    audio = None
-    if waveform is not None:
-      audio = out.add_stream('aac', rate=int(sample_rate), layout='mono')
-    for frame in frames:
-      for packet in video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')):
-        out.mux(packet)
-    for packet in video.encode():
-      out.mux(packet)
-    if audio is not None:
-      samples = np.asarray(waveform, np.float32).reshape(1, -1)
-      chunk = audio.codec_context.frame_size or 1024
-      for start in range(0, samples.shape[1], chunk):
-        block = np.ascontiguousarray(samples[:, start:start + chunk])
-        frame = av.AudioFrame.from_ndarray(block, format='fltp', layout='mono')
-        frame.sample_rate = int(sample_rate)
-        frame.pts = start
-        for packet in audio.encode(frame):
-          out.mux(packet)
-      for packet in audio.encode():
-        out.mux(packet)
 
 
 # ------------------------------------------------------------------- polygons

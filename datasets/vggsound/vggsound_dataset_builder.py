@@ -110,13 +110,6 @@ def collect_clips(manual_dir: epath.Path, ids_file: str,
   return clips
 
 
-def _empty_frames_annotated() -> dict:
-  return {'frame_index': np.zeros((0,), np.int32),
-          'time': np.zeros((0,), np.float32), 'frame_id': [],
-          'tags': np.zeros((0, len(schema.SCENARIOS)), np.bool_),
-          'cross_event': np.zeros((0,), np.bool_)}
-
-
 def process_clip(clip: tuple[str, str], *, fps: float, frame_size, mask_size,
                  sample_rate: int):
   """Decodes one clip: yields (id, record)."""
@@ -128,7 +121,7 @@ def process_clip(clip: tuple[str, str], *, fps: float, frame_size, mask_size,
     e.example_id = clip_id
     raise
   record['video_id'] = clip_id
-  record['frames_annotated'] = _empty_frames_annotated()
+  record['frames_annotated'] = schema.empty_frames_annotated()
   record['instances'] = schema.empty_instances(*mask_size)
   yield clip_id, record
 
