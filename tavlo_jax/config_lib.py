@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.num_frames = 16                   # T: frames per clip seen by the model
   c.input.frame_stride = 1                  # take every k-th stored frame
   c.input.image_size = 64                   # frames are resized to this square size
+  c.input.fps = 0.0                         # frames/s of the stored clips; 0 = from the dataset
   c.input.batch_size = 16                   # GLOBAL train batch (split over hosts/devices)
   c.input.eval_batch_size = 16              # GLOBAL eval batch; padded at the split's end
   c.input.num_workers = 0                   # grain worker processes (0 = in-process)
@@ -88,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.temporal_attention = True         # ablation switch
   c.model.temporal_window = 2               # attend to +-k frames; -1 = whole clip
   c.model.per_frame_audio = True            # False: one clip-level audio token, tiled
+  c.model.spatial_attention = True          # False: visual tokens never mix across positions
+  #                                           (each stays a local feature; see WORKSPACE.md)
   c.model.cross_modal_attention = False     # True: audio and visual tokens attend to each
   #                                           other in the spatial step (leaks own audio)
   c.model.attention_impl = 'xla'            # xla (jax.nn.dot_product_attention) | blockwise |

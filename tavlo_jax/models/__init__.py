@@ -73,7 +73,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       temporal_window=m.temporal_window, per_frame_audio=m.per_frame_audio,
       cross_modal_attention=m.cross_modal_attention,
       attention_impl=m.attention_impl, attention_block=m.attention_block,
-      dtype=dtype)
+      dtype=dtype, spatial_attention=m.spatial_attention)
 
 
 __all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

@@ -117,6 +117,7 @@ class ASTBlock(nn.Module):
   attention_impl: str
   attention_block: int
   dtype: jnp.dtype
+  spatial_attention: bool = True  # False: tokens never mix across positions
 
   @nn.compact
   def __call__(self, x):
@@ -128,8 +129,9 @@ class ASTBlock(nn.Module):
     if not self.cross_modal_attention:
       segments = jnp.arange(num_tokens) > 0     # audio: 0, visual: 1
       segments = segments.astype(jnp.int32)
-    y = _layer_norm('spatial_norm', self.dtype)(x)
-    x = x + mha('space', 'spatial_attention')(y, segment_ids=segments)
+    if self.spatial_attention:
+      y = _layer_norm('spatial_norm', self.dtype)(x)
+      x = x + mha('space', 'spatial_attention')(y, segment_ids=segments)
     if self.temporal_attention:
       window = window_or_none(self.temporal_window, x.shape[1])
       y = _layer_norm('temporal_norm', self.dtype)(x)
@@ -157,6 +159,7 @@ class TAVLO(nn.Module):
   attention_impl: str = 'xla'
   attention_block: int = 128
   dtype: jnp.dtype = jnp.float32
+  spatial_attention: bool = True
 
   def _codes(self, name, length, dim, sinusoid):
     """A learned [length, dim] table, or the fixed `sinusoid()` table."""
@@ -201,6 +204,7 @@ class TAVLO(nn.Module):
       x = ASTBlock(self.num_heads, self.mlp_ratio, self.temporal_attention,
                    self.temporal_window, self.cross_modal_attention,
                    self.attention_impl, self.attention_block, self.dtype,
+                   spatial_attention=self.spatial_attention,
                    name=f'block{i + 1}')(x)
     x = _layer_norm('final_norm', self.dtype)(x)
     width = x.shape[-1]
