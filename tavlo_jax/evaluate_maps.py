@@ -41,21 +41,26 @@ from tavlo_jax.evaluation import evaluator as evaluator_lib, report
 AVATAR_SIZE = (360, 640)   # (H, W) of the AVATAR protocol
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('heatmaps', None, '.npz of 2-D maps keyed <video_id>/<frame_index>.')
-flags.DEFINE_string('annotations', None, 'AVATAR release dir (metadata/<video>/<frame>.json).')
-flags.DEFINE_enum('protocol', 'avatar', evaluator_lib.PROTOCOLS,
-                  'Headline binarisation: avatar (fixed threshold) or classic (top 50%).')
-flags.DEFINE_string('out', None, 'Directory for JSON / Markdown / CSV (optional).')
-flags.DEFINE_float('heatmap_threshold', 0.1, 'Headline threshold on the normalised map.')
-flags.DEFINE_list('heatmap_thresholds', ['0.1', '0.15', '0.2'], 'All thresholds reported.')
-flags.DEFINE_enum('interpolation', 'bilinear', ['bilinear', 'bicubic', 'nearest'],
-                  'Resizing of maps to the annotation size.')
-flags.DEFINE_enum('offscreen_rule', 'no_pixel_above', ['no_pixel_above', 'raw_max'],
-                  'TN rule for Off-Screen frames (raw_max needs --raw_threshold).')
-flags.DEFINE_float('raw_threshold', None, "raw_max rule: calibrated raw threshold.")
-flags.DEFINE_list('annotation_size', ['360', '640'],
-                  'H,W at which GT is rasterised and maps scored (AVATAR: 360,640).')
-flags.DEFINE_integer('batch_frames', 32, 'Frames scored per device call.')
+def _define_flags():
+  """CLI flags, defined only when run as a program (so importing this module
+  next to other CLIs never clashes on a flag name such as --out)."""
+  if 'heatmaps' in FLAGS:
+    return
+  flags.DEFINE_string('heatmaps', None, '.npz of 2-D maps keyed <video_id>/<frame_index>.')
+  flags.DEFINE_string('annotations', None, 'AVATAR release dir (metadata/<video>/<frame>.json).')
+  flags.DEFINE_enum('protocol', 'avatar', evaluator_lib.PROTOCOLS,
+                    'Headline binarisation: avatar (fixed threshold) or classic (top 50%).')
+  flags.DEFINE_string('out', None, 'Directory for JSON / Markdown / CSV (optional).')
+  flags.DEFINE_float('heatmap_threshold', 0.1, 'Headline threshold on the normalised map.')
+  flags.DEFINE_list('heatmap_thresholds', ['0.1', '0.15', '0.2'], 'All thresholds reported.')
+  flags.DEFINE_enum('interpolation', 'bilinear', ['bilinear', 'bicubic', 'nearest'],
+                    'Resizing of maps to the annotation size.')
+  flags.DEFINE_enum('offscreen_rule', 'no_pixel_above', ['no_pixel_above', 'raw_max'],
+                    'TN rule for Off-Screen frames (raw_max needs --raw_threshold).')
+  flags.DEFINE_float('raw_threshold', None, "raw_max rule: calibrated raw threshold.")
+  flags.DEFINE_list('annotation_size', ['360', '640'],
+                    'H,W at which GT is rasterised and maps scored (AVATAR: 360,640).')
+  flags.DEFINE_integer('batch_frames', 32, 'Frames scored per device call.')
 
 
 @dataclasses.dataclass
@@ -265,6 +270,7 @@ def main(argv):
 
 
 def run():
+  _define_flags()
   app.run(main)
 
 

@@ -269,7 +269,9 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
   total = int(config.train.total_steps)
   start = int(jax.device_get(state.step))
   preemption = _Preemption()
-  rng = jax.device_put(step_rng, sharding.replicated(mesh))
+  # Made by a jitted function, not device_put: on several processes a global
+  # replicated array cannot be built from one host's value by device_put.
+  rng = jax.jit(lambda: step_rng, out_shardings=sharding.replicated(mesh))()
   if start >= total:
     logging.info('Already trained %d/%d steps.', start, total)
     return state

@@ -3,10 +3,11 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from absl.testing import flagsaver
 
 from tavlo_jax import evaluate_maps
 from tavlo_jax.evaluation import evaluator as evaluator_lib
@@ -152,7 +153,7 @@ def test_bad_heatmaps_are_named(annotations, caplog):
   assert 'vidZ/3' in caplog.text
 
 
-def test_cli_writes_reports(annotations, tmp_path, capsys):
+def test_cli_writes_reports(annotations, tmp_path):
   root, frames = annotations
   rng = np.random.default_rng(1)
   # Any resolution, even different ones per video.
@@ -161,10 +162,15 @@ def test_cli_writes_reports(annotations, tmp_path, capsys):
   path = str(tmp_path / 'maps.npz')
   np.savez(path, **maps)
   out = str(tmp_path / 'out')
-  with flagsaver.flagsaver(heatmaps=path, annotations=root, out=out, protocol='classic',
-                           batch_frames=4, annotation_size=[str(v) for v in SIZE]):
-    evaluate_maps.main([])
-  printed = capsys.readouterr().out
+  # As a user runs it: a separate program with its flags.
+  r = subprocess.run(
+      [sys.executable, '-m', 'tavlo_jax.evaluate_maps', f'--heatmaps={path}',
+       f'--annotations={root}', f'--out={out}', '--protocol=classic', '--batch_frames=4',
+       f'--annotation_size={SIZE[0]},{SIZE[1]}'],
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  assert r.returncode == 0, r.stderr[-4000:]
+  printed = r.stdout
   assert '| total |' in printed and 'mean cIoU top50' in printed
   with open(os.path.join(out, 'eval.json')) as f:
     results = json.load(f)

@@ -31,6 +31,7 @@ def tiny_config(variant='runlocal', **model):
   c.input.audio.columns_per_frame, c.input.audio.n_mels = 4, 8
   c.model.embed_dim, c.model.temporal_pos_dim, c.model.num_heads = 8, 4, 2
   c.model.visual.width, c.model.audio.channels = 4, (4,)
+  c.model.visual.stem = 'small'                    # 3x3/1 stem: the stride comes from the stages
   c.model.visual.stage_sizes, c.model.visual.stage_strides = (1, 1), (2, 2)
   c.model.visual.output_stride = 4                      # 16 px -> 4x4 grid
   for k, v in model.items():

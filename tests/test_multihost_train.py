@@ -19,8 +19,14 @@ ARGS = ['--config=configs/avatar_synth.py:runlocal', '--mode=train',
 
 
 def _params(workdir):
-  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '3', 'state'))
-  return state['params']
+  """Restores onto this process's first device, whatever topology saved it."""
+  path = os.path.join(workdir, 'checkpoints', '3', 'state')
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = getattr(getattr(meta, 'item_metadata', meta), 'tree', meta)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return ckptr.restore(path, target)['params']
 
 
 def test_two_processes_match_one_process(tmp_path):

@@ -1,4 +1,6 @@
 """Sharded training = single-device training; checkpoints move between meshes."""
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -49,9 +51,14 @@ def _one_step(config, devices):
     (dict(data=2, fsdp=4, seq=1), 'xla'),
     (dict(data=2, fsdp=1, seq=4), 'ring'),
 ])
+@functools.cache
+def _reference():
+  # Computed once for all mesh shapes (each compile costs a minute on 2 cores).
+  return _one_step(_config(data=1, fsdp=1, seq=1), jax.devices()[:1])
+
+
 def test_sharded_step_matches_single_device(mesh, impl):
-  ref_config = _config(data=1, fsdp=1, seq=1)
-  ref_params, ref_metrics = _one_step(ref_config, jax.devices()[:1])
+  ref_params, ref_metrics = _reference()
   config = _config(**mesh)
   config.model.attention_impl = impl
   params, metrics = _one_step(config, jax.devices())

@@ -164,15 +164,18 @@ def contact_sheet_from_generator(builder_config: str, out: str,
                      'sounding, red dashed = silent; S/M/E/O = tags, * = cross-event')
 
 
-_CONFIG = flags.DEFINE_string('builder_config', 'tiny', 'avatar_synth config.')
-_DATA_DIR = flags.DEFINE_string('data_dir', './data/tfds', 'TFDS data_dir.')
-_OUT = flags.DEFINE_string('out', 'contact_sheet.png', 'Output PNG.')
-_SPLIT = flags.DEFINE_string('split', 'test', 'Split to draw from.')
-_PER_SCENARIO = flags.DEFINE_integer('per_scenario', 2, 'Clips per scenario.')
-_MAX_FRAMES = flags.DEFINE_integer('max_frames', 16, 'Frames per row (strided).')
-_SOURCE = flags.DEFINE_enum('source', 'tfds', ['tfds', 'generator'],
-                            'tfds: read (building if missing) the TFDS records; '
-                            'generator: regenerate them without building.')
+def _define_flags():
+  """Defined only when run as a program (no clash with other CLIs' flags)."""
+  global _CONFIG, _DATA_DIR, _OUT, _SPLIT, _PER_SCENARIO, _MAX_FRAMES, _SOURCE
+  _CONFIG = flags.DEFINE_string('builder_config', 'tiny', 'avatar_synth config.')
+  _DATA_DIR = flags.DEFINE_string('data_dir', './data/tfds', 'TFDS data_dir.')
+  _OUT = flags.DEFINE_string('out', 'contact_sheet.png', 'Output PNG.')
+  _SPLIT = flags.DEFINE_string('split', 'test', 'Split to draw from.')
+  _PER_SCENARIO = flags.DEFINE_integer('per_scenario', 2, 'Clips per scenario.')
+  _MAX_FRAMES = flags.DEFINE_integer('max_frames', 16, 'Frames per row (strided).')
+  _SOURCE = flags.DEFINE_enum('source', 'tfds', ['tfds', 'generator'],
+                              'tfds: read (building if missing) the TFDS records; '
+                              'generator: regenerate them without building.')
 
 
 def main(argv):
@@ -186,4 +189,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
