@@ -78,7 +78,8 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
     writer.images(step, images)
     table_text = report.format_table(results)
     sign = results.get('map_sign', {})
-    logging.info('Evaluation at step %d (%s):\n%s', step, paths['markdown'], table_text)
+    if not final:  # the final table is printed below; log it only once
+      logging.info('Evaluation at step %d (%s):\n%s', step, paths['markdown'], table_text)
     if sign.get('inverted'):
       logging.warning('MAP SIGN CHECK: the maps look inverted (the minimum lands on the '
                       'source more often than the maximum): %s', json.dumps(sign))
