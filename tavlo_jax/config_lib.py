@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           ring | all_to_all (time sharded over `seq`)
   c.model.attention_block = 128             # query/key block for blockwise/ring paths
   c.model.temperature = 0.07                # cosine similarity / temperature
+  c.model.center_audio = True               # subtract the mean audio embedding (sign
+  #                                           safeguard, see models/tavlo.py AudioCentering)
   c.model.visual = ml_collections.ConfigDict()
   c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
   c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)
@@ -110,7 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'temporal_mil'              # temporal_mil (TAVLO) | ezvsl
-  c.loss.negatives = 'max'                  # max (trains) | mean (paper summary; collapses)
+  # Bag pooling over locations. peak = max - mean (a source is a small part of
+  # the frame; see tavlo_jax/losses.py). The same for both sides, or it can
+  # collapse: max/mean is the paper's summarised form (FINDINGS item 1).
+  c.loss.positives = 'peak'                 # a clip's own frame: peak | max | mean
+  c.loss.negatives = 'peak'                 # other clips: peak | max | mean (collapses)
   c.loss.symmetric = True                   # both a->v and v->a directions
 
   # ---- optimisation ----------------------------------------------------------

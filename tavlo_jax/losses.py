@@ -30,9 +30,18 @@ Why the paper's summarised form (positives max, negatives MEAN) collapses
   neither, so it is kept as `negatives='mean'` for the ablation only.
 
 Inverted maps (FINDINGS item 4): max pooling constrains only the arg-max
-location, so a map whose maximum sits on background can score as well as one
-peaking on the source. Nothing in this objective fixes the sign; use the aux
-metrics and `map_polarity` on labelled validation data to catch it.
+location, and every logit compares audios against each other, so the part of
+the map that is the same for every audio, v . E[a], costs the loss nothing and
+is free to take any shape. In our default model it became "objects are cold":
+~85% of each map's spatial variance was the same whatever audio was used, and
+the source was the MINIMUM on 45-49% of test frames (argmax 0.0%). The
+safeguard is in the model, not here: `AudioCentering` (models/tavlo.py,
+config.model.center_audio) subtracts the batch's mean audio embedding, so the
+map keeps only what a clip's own audio adds; the same run then points at the
+source. `peak` pooling (max - mean over locations, for both positives and
+negatives) encodes the other prior, that a source is a small part of the
+frame; alone it did NOT fix the sign (argmax on source 0.0% at 250 steps).
+The run-time check is `map_polarity` / the evaluator's sign check.
 
 Collapse detectors in `aux`: `retrieval_accuracy` always scores with max/max
 pooling (is the audio actually matched to its own clip?) and
@@ -48,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-POOLINGS = ('max', 'mean')
+POOLINGS = ('max', 'mean', 'peak')
 
 
 def similarity_bags(visual, audio):
@@ -76,6 +85,11 @@ def _pool(sims, how):
     return sims.max(-1)
   if how == 'mean':
     return sims.mean(-1)
+  if how == 'peak':
+    # How far the best location stands above the frame's average: high only
+    # for a map with a few hot locations on a cold background. See
+    # "Inverted maps" in the module docstring.
+    return sims.max(-1) - sims.mean(-1)
   raise ValueError(f'pooling {how!r}; expected one of {POOLINGS} '
                    '(config.loss.negatives)')
 
@@ -141,13 +155,15 @@ def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
   return mean_valid(terms), aux
 
 
-def ezvsl_loss(visual, audio, temperature: float, mask=None):
-  """EZ-VSL's max-MIL loss: one global audio embedding ([B, D] or tiled
-  [B, T, D]) against each frame's bag, max pooling for all pairs, both
-  directions. The same function as the temporal loss with T frames of
-  identical audio."""
-  return temporal_mil_loss(visual, audio, temperature, negatives='max',
-                           positives='max', symmetric=True, mask=mask)
+def ezvsl_loss(visual, audio, temperature: float, mask=None,
+               pooling: str = 'max'):
+  """EZ-VSL's MIL loss: one global audio embedding ([B, D] or tiled
+  [B, T, D]) against each frame's bag, the same pooling for all pairs (max in
+  the paper; our configs give it the TAVLO runs' pooling so that the two
+  differ only in the model), both directions. The temporal loss with T
+  frames of identical audio."""
+  return temporal_mil_loss(visual, audio, temperature, negatives=pooling,
+                           positives=pooling, symmetric=True, mask=mask)
 
 
 def map_polarity(heatmap, gt_mask):
@@ -170,11 +186,14 @@ def make_loss(config: ml_collections.ConfigDict):
     fn = functools.partial(temporal_mil_loss, temperature=temperature,
                            negatives=config.loss.negatives,
                            symmetric=config.loss.symmetric,
-                           # Optional field: 'mean' with negatives='mean' is
-                           # the consistent mean/mean form.
-                           positives=config.loss.get('positives', 'max'))
+                           positives=config.loss.positives)
   elif name == 'ezvsl':
-    fn = functools.partial(ezvsl_loss, temperature=temperature)
+    if config.loss.positives != config.loss.negatives:
+      raise ValueError('the ezvsl loss pools positives and negatives alike; got '
+                       f'config.loss.positives={config.loss.positives!r}, '
+                       f'negatives={config.loss.negatives!r}')
+    fn = functools.partial(ezvsl_loss, temperature=temperature,
+                           pooling=config.loss.negatives)
   else:
     raise ValueError(f'config.loss.name={name!r}; expected temporal_mil|ezvsl')
   return lambda outputs, mask=None: fn(outputs['visual'], outputs['audio'],

@@ -35,7 +35,8 @@ def reference(visual, audio, temperature, negatives, symmetric, mask=None,
   a = np.asarray(audio, np.float64)
   valid = np.ones((b, t), bool) if mask is None else np.broadcast_to(
       np.asarray(mask).reshape(b, -1), (b, t))
-  pool = {'max': np.max, 'mean': np.mean}
+  pool = {'max': np.max, 'mean': np.mean,
+          'peak': lambda x: np.max(x) - np.mean(x)}
   terms = np.zeros((b, t))
   for f in range(t):
     logits = np.zeros((b, b))
@@ -57,10 +58,11 @@ def reference(visual, audio, temperature, negatives, symmetric, mask=None,
   return loss, per_example
 
 
-@pytest.mark.parametrize('negatives', ['max', 'mean'])
+@pytest.mark.parametrize('positives,negatives',
+                         [('max', 'max'), ('max', 'mean'), ('peak', 'peak')])
 @pytest.mark.parametrize('symmetric', [True, False])
 @pytest.mark.parametrize('masked', [False, True])
-def test_matches_float64_reference(negatives, symmetric, masked):
+def test_matches_float64_reference(positives, negatives, symmetric, masked):
   visual, audio = random_batch()
   mask = None
   if masked:   # one padding clip, one missing frame
@@ -68,9 +70,9 @@ def test_matches_float64_reference(negatives, symmetric, masked):
     mask[2] = False
     mask[0, 1] = False
   loss, aux = mil_loss(visual, audio, 0.1, negatives=negatives,
-                                       symmetric=symmetric, mask=mask)
+                       symmetric=symmetric, mask=mask, positives=positives)
   ref_loss, ref_per_example = reference(visual, audio, 0.1, negatives,
-                                        symmetric, mask)
+                                        symmetric, mask, positives)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(aux['per_example'], ref_per_example, rtol=1e-5,
                              atol=1e-6)
@@ -156,7 +158,7 @@ def test_mean_negatives_reach_zero_loss_without_audio_information():
   assert mean_aux['max_margin'] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize('pooling', ['max', 'mean'])
+@pytest.mark.parametrize('pooling', ['max', 'mean', 'peak'])
 def test_consistent_pooling_cannot_beat_chance_with_identical_audio(pooling):
   rng = np.random.default_rng(4)
   b = 6
@@ -215,13 +217,30 @@ def test_map_polarity_detects_inverted_maps():
   assert losses.map_polarity(-good, mask) < 0
 
 
+def test_peak_pooling_tells_a_hot_source_from_an_inverted_map():
+  """Max pooling scores a map with one hot token (the source) and the same
+  map inverted and shifted (source coldest, everything else as hot) alike, so
+  it cannot fix the sign; 'peak' (max - mean) prefers the hot source, because
+  the source is a small part of the frame."""
+  n, s = 16, 0.6
+  hot = np.zeros((1, 1, n), np.float32)
+  hot[..., 3] = s                      # one location at +s, the rest at 0
+  inverted = s - hot                   # that location at 0, the rest at +s
+  pool = lambda x, how: float(losses._pool(jnp.asarray(x), how)[0, 0])  # pylint: disable=protected-access
+  assert pool(hot, 'max') == pytest.approx(pool(inverted, 'max'))
+  assert pool(hot, 'peak') == pytest.approx(s * (n - 1) / n)
+  assert pool(inverted, 'peak') == pytest.approx(s / n)
+
+
 def test_make_loss_from_config():
   from configs import avatar_synth  # pylint: disable=g-import-not-at-top
   visual, audio = random_batch()
   out = dict(visual=visual, audio=audio)
-  for variant, negatives in (('', 'max'), ('mean_neg', 'mean'),
-                             ('ezvsl', 'max')):
+  for variant, positives, negatives in (('', 'peak', 'peak'),
+                                        ('mean_neg', 'max', 'mean'),
+                                        ('ezvsl', 'peak', 'peak')):
     c = avatar_synth.get_config(variant)
     loss, _ = losses.make_loss(c)(out)
-    ref, _ = reference(visual, audio, c.model.temperature, negatives, True)
+    ref, _ = reference(visual, audio, c.model.temperature, negatives, True,
+                       positives=positives)
     np.testing.assert_allclose(loss, ref, rtol=1e-5)

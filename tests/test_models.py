@@ -19,6 +19,7 @@ from tavlo_jax.models import attention
 from tavlo_jax.models import convert_torch
 from tavlo_jax.models.audio_encoder import AudioEncoder
 from tavlo_jax.models.resnet import ResNet
+from tavlo_jax.models.tavlo import AudioCentering
 
 VARIANTS = ('', 'runlocal', 'ezvsl', 'no_temporal', 'global_audio', 'mean_neg')
 LOGICAL_NAMES = {'batch', 'time', 'space', 'height', 'width', 'embed', 'heads',
@@ -53,7 +54,7 @@ def _param_structure(config):
   or the leak guard), so tests can share one initialisation."""
   m = config.model
   return (m.name, m.num_layers, m.temporal_attention, m.visual.norm,
-          m.audio.norm, config.input.num_frames)
+          m.audio.norm, m.center_audio, config.input.num_frames)
 
 
 _VARIABLES = {}
@@ -241,6 +242,46 @@ def test_jit_and_eval_mode_are_deterministic_batchnorm_batch_independent():
   assert np.isfinite(out['heatmap']).all()
 
 
+def test_audio_centering_batch_mean_in_training_running_mean_at_eval():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 3, 5)) + 7.0, jnp.float32)  # big common part
+  module = AudioCentering(momentum=0.9)
+  variables = module.init(init_key(), x, train=False)
+  np.testing.assert_array_equal(variables['batch_stats']['mean'],
+                                np.zeros((3, 5)))   # one per frame position
+  y, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+  batch_mean = np.asarray(x, np.float64).mean(0)
+  np.testing.assert_allclose(np.asarray(y).mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(updates['batch_stats']['mean'], 0.1 * batch_mean,
+                             rtol=1e-5)
+  # Eval: the running mean, whatever else is in the batch.
+  y_eval = module.apply(updates, x[:1], train=False)
+  np.testing.assert_allclose(y_eval, x[:1] - 0.1 * batch_mean, rtol=1e-5)
+  np.testing.assert_allclose(module.apply(updates, x[:, :2], train=False),
+                             x[:, :2] - 0.1 * batch_mean[:2], rtol=1e-5)
+  with pytest.raises(ValueError, match='num_frames'):
+    module.apply(updates, jnp.zeros((1, 4, 5)), train=False)
+
+
+@pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
+def test_audio_shared_by_every_clip_makes_no_map_in_training(name):
+  """The sign safeguard: what every clip's audio has in common is removed, so
+  the same audio for every clip of the batch leaves nothing to localise
+  (without centring it would still paint a map)."""
+  c = tiny_config('' if name == 'tavlo' else 'ezvsl')
+  frames, audio = inputs(c, batch=3)
+  same = jnp.broadcast_to(audio[:1], audio.shape)
+  model = build_model(c)
+  variables, _ = init_and_apply(c, frames, same)
+  out, _ = model.apply(variables, frames, same, train=True,
+                       mutable=['batch_stats'])
+  assert np.abs(np.asarray(out['heatmap'])).max() < 1e-2
+  c.model.center_audio = False
+  variables, _ = init_and_apply(c, frames, same)
+  out = build_model(c).apply(variables, frames, same, train=True)
+  assert np.abs(np.asarray(out['heatmap'])).max() > 0.1
+
+
 # --- attention kernels -----------------------------------------------------------------
 
 
@@ -362,27 +403,32 @@ def test_logical_names_and_sharded_apply_matches_unsharded():
 # --- overfitting --------------------------------------------------------------------------
 
 
-def _train_tiny(negatives, frames, audio, steps):
+def _train_tiny(negatives, frames, audio, steps, **model_fields):
   """Adam on the tiny model; returns the loss history and the last aux."""
-  c = tiny_config(temporal_window=-1)
-  c.loss.negatives = negatives
+  c = tiny_config(temporal_window=-1, **model_fields)
+  c.loss.positives, c.loss.negatives = 'max', negatives
   model = build_model(c)
-  params = init_and_apply(c, frames, audio)[0]['params']
+  variables = init_and_apply(c, frames, audio)[0]
+  params, stats = variables['params'], variables.get('batch_stats', {})
   loss_fn = losses.make_loss(c)
   tx = optax.adam(3e-3)
 
   @jax.jit
-  def step(params, opt_state):
+  def step(params, stats, opt_state):
     def objective(p):
-      return loss_fn(model.apply({'params': p}, frames, audio, train=True))
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+      out, updates = model.apply({'params': p, 'batch_stats': stats}, frames,
+                                 audio, train=True, mutable=['batch_stats'])
+      loss, aux = loss_fn(out)
+      return loss, (aux, updates.get('batch_stats', {}))
+    (loss, (aux, stats)), grads = jax.value_and_grad(
+        objective, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, aux
+    return optax.apply_updates(params, updates), stats, opt_state, loss, aux
 
   opt_state = tx.init(params)
   history = []
   for _ in range(steps):
-    params, opt_state, loss, aux = step(params, opt_state)
+    params, stats, opt_state, loss, aux = step(params, stats, opt_state)
     history.append(float(loss))
   assert np.isfinite(history).all()
   return history, aux
@@ -399,10 +445,12 @@ def test_tiny_model_overfits_a_handful_of_clips():
 @pytest.mark.slow
 def test_mean_negatives_collapse_in_the_model_with_identical_audio():
   """FINDINGS item 1 in the real model: every clip gets the SAME audio, so no
-  loss can be lowered by matching sounds; mean negatives still reach ~0."""
+  loss can be lowered by matching sounds; mean negatives still reach ~0.
+  (Without audio centring: centred, identical audio is the zero vector and
+  no pooling can separate anything.)"""
   frames, audio = inputs(tiny_config(), batch=4, seed=5)
   same = jnp.broadcast_to(audio[:1], audio.shape)
-  history, _ = _train_tiny('mean', frames, same, steps=30)
+  history, _ = _train_tiny('mean', frames, same, steps=30, center_audio=False)
   assert history[-1] < 1e-2, history[::5]
 
 

@@ -4,7 +4,7 @@
   variables = module.init(rng, frames, audio, train=False)
   out = module.apply(variables, frames, audio, train=False)
   out, updates = module.apply(variables, frames, audio, train=True,
-                              mutable=['batch_stats'])   # norm == 'batch' only
+                              mutable=['batch_stats'])   # running means
 
 `out` is dict(visual [B,T,h,w,D], audio [B,T,D], heatmap [B,T,h,w]); see
 tavlo.py for D and the leak guard. Logical axis names used on parameters and
@@ -61,7 +61,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   audio = AudioEncoder(channels=tuple(m.audio.channels), embed_dim=m.embed_dim,
                        norm=m.audio.norm, dtype=dtype)
   if m.name == 'ezvsl':
-    return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype)
+    return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype,
+                 center_audio=m.center_audio)
   if m.name != 'tavlo':
     raise ValueError(f'config.model.name={m.name!r}; expected tavlo|ezvsl')
   return TAVLO(
@@ -73,7 +74,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       temporal_window=m.temporal_window, per_frame_audio=m.per_frame_audio,
       cross_modal_attention=m.cross_modal_attention,
       attention_impl=m.attention_impl, attention_block=m.attention_block,
-      dtype=dtype, spatial_attention=m.spatial_attention)
+      dtype=dtype, spatial_attention=m.spatial_attention,
+      center_audio=m.center_audio)
 
 
 __all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

@@ -47,7 +47,10 @@ def normalize_frames(frames, dtype):
   return x.astype(dtype)
 
 
-def l2_normalize(x, eps: float = 1e-6):
+def l2_normalize(x, eps: float = 1e-3):
+  # Embeddings have norms ~sqrt(D); eps only matters for a (near-)zero vector,
+  # e.g. a centred audio embedding that equals the batch mean, which must stay
+  # ~0 rather than blow float32 round-off up to a unit vector.
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
@@ -160,6 +163,7 @@ class TAVLO(nn.Module):
   attention_block: int = 128
   dtype: jnp.dtype = jnp.float32
   spatial_attention: bool = True
+  center_audio: bool = True
 
   def _codes(self, name, length, dim, sinusoid):
     """A learned [length, dim] table, or the fixed `sinusoid()` table."""
@@ -212,6 +216,8 @@ class TAVLO(nn.Module):
         x[:, :, 0])
     visual_out = _dense(width, 'visual_head', ('embed', None), self.dtype)(
         x[:, :, 1:]).reshape(b, t, h, w, width)
+    if self.center_audio:
+      audio_out = AudioCentering(name='audio_centering')(audio_out, train)
     return make_outputs(visual_out, audio_out)
 
 
@@ -226,6 +232,7 @@ class EZVSL(nn.Module):
   audio_encoder: AudioEncoder
   embed_dim: int = 64
   dtype: jnp.dtype = jnp.float32
+  center_audio: bool = True
 
   @nn.compact
   def __call__(self, frames, audio, train: bool = False):
@@ -236,9 +243,48 @@ class EZVSL(nn.Module):
     clip_audio = self.audio_encoder(audio, t, train).mean(1)
     clip_audio = _dense(self.embed_dim, 'audio_proj', ('embed', None),
                         self.dtype)(clip_audio)
+    if self.center_audio:
+      clip_audio = AudioCentering(name='audio_centering')(clip_audio, train)
     return make_outputs(
         visual, jnp.broadcast_to(clip_audio[:, None],
                                  (frames.shape[0], t, self.embed_dim)))
+
+
+class AudioCentering(nn.Module):
+  """Subtracts the mean audio embedding: of the batch in training, a running
+  mean of those at eval (BatchNorm's bookkeeping, without the scaling).
+
+  Why (FINDINGS item 4, inverted maps): the contrastive loss only compares
+  audios against each other, so any part of the map that is the same for
+  every audio, v . E[a], costs nothing and drifts freely; in our runs it grew
+  into an "objects are cold" pattern that explained ~85% of every map and put
+  the minimum on the source. With the mean removed the map is
+  v . (a - E[a]): only what the clip's own audio adds, which the loss
+  rewards where the source is.
+  """
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    # One mean per frame position ([B, T, D] -> [T, D]): the temporal code
+    # makes frame t's audio tokens share a part that other frames lack.
+    running = self.variable('batch_stats', 'mean', jnp.zeros, x.shape[1:],
+                            jnp.float32)
+    if train:
+      # Under jit with a sharded batch this is the mean of the GLOBAL batch
+      # (XLA adds the all-reduce).
+      mean = x.astype(jnp.float32).mean(axis=0)
+      if not self.is_initializing():
+        running.value = (self.momentum * running.value
+                         + (1 - self.momentum) * jax.lax.stop_gradient(mean))
+    else:
+      mean = running.value
+      if x.shape[1:] != mean.shape:
+        if x.ndim != 3 or x.shape[1] > mean.shape[0] or x.shape[2:] != mean.shape[1:]:
+          raise ValueError(f'audio tokens {x.shape[1:]} do not fit the running '
+                           f'mean {mean.shape} (config.input.num_frames)')
+        mean = mean[:x.shape[1]]
+    return x - mean.astype(x.dtype)
 
 
 def make_outputs(visual, audio):
