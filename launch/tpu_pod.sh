@@ -5,6 +5,10 @@
 #   TPU=my-v5e-32 ZONE=us-west4-a launch/tpu_pod.sh --config=configs/avatar.py \
 #       --workdir=gs://bucket/runs/tavlo
 #
+# First check on any CPU box that the step fits the slice's HBM (no TPU needed;
+# pip install 'jax[tpu]==0.10.2' there for libtpu; exit code 3 = does not fit):
+#   python -m tavlo_jax.aot_compile --config=configs/paper.py:real --topology=v5e:4x8
+#
 # Data: build the TFDS records once (any machine), copy to a bucket, and point
 # --config.dataset.data_dir at it. Checkpoints go to --workdir (all workers write
 # their shards into the same directory).

@@ -171,6 +171,31 @@ def make_train_iterator(config, data_source, *, process_index=None,
                                  process_count=process_count, seed=seed))
 
 
+def train_batch_spec(config, fps: float) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one GLOBAL training batch, without any data.
+
+  Runs the real example code (`_TrainExample`) on one blank record stored at
+  `fps` frames/s, so the keys, shapes and dtypes are exactly what
+  `make_train_iterator` yields, with the global batch size in front. For
+  ahead-of-time compiles (`tavlo_jax.aot_compile`).
+  """
+  t, s = config.input.num_frames, config.input.frame_stride
+  num_stored = (t - 1) * s + 1
+  sr = int(config.input.audio.sample_rate)
+  size = int(config.input.image_size)
+  blank = {
+      'video_id': 'blank',
+      'frames': np.zeros((num_stored, size, size, 3), np.uint8),
+      'waveform': np.zeros((int(np.ceil((num_stored + s) * sr / fps)),), np.float32),
+      'sample_rate': np.int32(sr),
+      'fps': np.float32(fps),
+  }
+  example = _TrainExample([blank], config, config.seed)((0, 0))
+  batch = int(config.input.batch_size)
+  return {k: jax.ShapeDtypeStruct((batch, *np.shape(v)), np.asarray(v).dtype)
+          for k, v in example.items()}
+
+
 def _to_iter(ds: grain.MapDataset, config) -> grain.IterDataset:
   prefetch = max(int(config.input.prefetch), 1)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
