@@ -27,6 +27,24 @@ def np_attention(q, k, v, window):
   return np.einsum('bnhts,bsnhd->btnhd', p, v)
 
 
+def np_attention_vjp(q, k, v, ct, window):
+  """float64 (dq, dk, dv) of <ct, np_attention(q, k, v)>: the softmax Jacobian."""
+  q, k, v, ct = (np.asarray(x, np.float64) for x in (q, k, v, ct))
+  scale = 1 / np.sqrt(q.shape[-1])
+  s = np.einsum('btnhd,bsnhd->bnhts', q, k) * scale
+  if window >= 0:
+    t = np.arange(q.shape[1])
+    s = np.where(np.abs(t[:, None] - t[None, :]) <= window, s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dv = np.einsum('bnhts,btnhd->bsnhd', p, ct)
+  dp = np.einsum('btnhd,bsnhd->bnhts', ct, v)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = np.einsum('bnhts,bsnhd->btnhd', ds, k) * scale
+  dk = np.einsum('bnhts,btnhd->bsnhd', ds, q) * scale
+  return dq, dk, dv
+
+
 def inputs(seed=0):
   rng = np.random.default_rng(seed)
   return [rng.normal(size=SHAPE).astype(np.float32) for _ in range(4)]  # q k v ct
@@ -48,15 +66,21 @@ def dense_grads(q, k, v, ct, window):
 
 
 def check_values_and_grads(attn, window, seed=0):
-  """attn(q, k, v, ct) -> (out, (dq, dk, dv)) for cotangent ct; checks both."""
+  """attn(q, k, v, ct) -> (out, (dq, dk, dv)) for cotangent ct; checks both.
+
+  The ring's gradients come from its flash-style custom VJP (a second trip
+  round the ring), all_to_all's from blockwise_attention's custom VJP.
+  """
   q, k, v, ct = inputs(seed=seed)
   out, grads = attn(q, k, v, ct)
   np.testing.assert_allclose(out, np_attention(q, k, v, window), atol=1e-5)
-  # Gradients: elementwise against JAX's dense path (itself checked here), and
-  # along a random direction against float64 finite differences (independent
-  # of JAX's autodiff).
-  for which, (g, g_dense) in enumerate(zip(grads, dense_grads(q, k, v, ct, window))):
-    np.testing.assert_allclose(g, g_dense, atol=1e-4)
+  # Gradients: elementwise against JAX's dense path and the float64 analytic
+  # VJP, and along a random direction against float64 finite differences
+  # (independent of any backward formula).
+  for which, (g, g_dense, g_np) in enumerate(zip(
+      grads, dense_grads(q, k, v, ct, window), np_attention_vjp(q, k, v, ct, window))):
+    np.testing.assert_allclose(g, g_dense, atol=1e-5)
+    np.testing.assert_allclose(g, g_np, atol=1e-5)
     direction = np.random.default_rng(seed + 1 + which).normal(size=SHAPE)
     expected = directional_derivative_np(q, k, v, ct, window, which, direction)
     np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * direction),

@@ -17,15 +17,19 @@ devices without ever gathering the whole clip on one:
   columns and runs blockwise attention over it; a second `all_to_all` swaps
   back. Memory per device is O(T * block / n) too; it needs N*H >= n.
 
-A single-device blockwise (flash) kernel lives in `attention.blockwise_attention`.
-
-Both are plain JAX code inside `jax.shard_map`, so they are differentiable:
-the transpose of `ppermute` is the reverse ring and of `all_to_all` is the
-reverse swap.
+The per-block maths is the flash kernel of `attention.py` (the one behind
+`attention.blockwise_attention`), so training memory is linear in T/n as well:
+- 'ring' has its own `jax.custom_vjp` around the two shard_maps: the forward
+  saves only the local q, k, v, output and log-sum-exp; the backward sends
+  the key/value blocks round the ring once more, each with its dK/dV
+  accumulator, and one last shift takes every accumulator home.
+- 'all_to_all' calls `attention.blockwise_attention` (custom VJP) between
+  the two swaps; autodiff transposes each `all_to_all` into the reverse swap.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -34,10 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-# Masked scores get this finite value rather than -inf: a block can mask a
-# whole row (window far from this key block), and exp(-inf - -inf) is NaN,
-# which `jnp.where` hides in the forward pass but not in the gradient.
-_MASKED = -1e30
+from tavlo_jax.models import attention
+
+IMPLS = ('ring', 'all_to_all')
 
 
 def _check_window(window: int) -> None:
@@ -73,107 +76,35 @@ def dense_temporal_attention(q, k, v, window: int = -1):
   return out.reshape(q.shape)
 
 
-# ---- online softmax ----------------------------------------------------------
-
-
-def _init_stats(q):
-  """Running (max, sum, weighted-value sum) for the online softmax.
-
-  Layout [B, N, H, Tq(, Dh)] so the per-row statistics broadcast directly.
-  """
-  b, t, n, h, d = q.shape
-  m = jnp.full((b, n, h, t), _MASKED, jnp.float32)
-  l = jnp.zeros((b, n, h, t), jnp.float32)
-  acc = jnp.zeros((b, n, h, t, d), jnp.float32)
-  return m, l, acc
-
-
-def _online_softmax_step(stats, q, k_blk, v_blk, q_pos, k_pos, window):
-  """Fold one key/value block into the running softmax statistics.
-
-  softmax needs exp(s - max over ALL keys), but we see keys a block at a
-  time. Keeping the running max m lets us use exp(s - m) (no overflow) and,
-  when a later block raises the max to m', rescale what was summed so far by
-  exp(m - m'), which turns it into what it would have been with m' from the
-  start. Dividing acc by l at the end gives exactly softmax(s) @ v.
-  q_pos / k_pos are GLOBAL frame indices of this query / key block, so the
-  window mask is right whichever device the block came from.
-  """
-  m, l, acc = stats
-  s = jnp.einsum('bqnhd,bknhd->bnhqk', q, k_blk,
-                 preferred_element_type=jnp.float32)
-  if window >= 0:
-    in_window = jnp.abs(q_pos[:, None] - k_pos[None, :]) <= window
-    s = jnp.where(in_window, s, _MASKED)
-  m_new = jnp.maximum(m, s.max(axis=-1))
-  p = jnp.exp(s - m_new[..., None])
-  if window >= 0:
-    # A row with no key in window would otherwise count every masked key as 1.
-    p = jnp.where(in_window, p, 0.0)
-  correction = jnp.exp(m - m_new)
-  l = l * correction + p.sum(axis=-1)
-  acc = acc * correction[..., None] + jnp.einsum(
-      'bnhqk,bknhd->bnhqd', p.astype(v_blk.dtype), v_blk,
-      preferred_element_type=jnp.float32)
-  return m_new, l, acc
-
-
-def _fold_keys(stats, q, k, v, q_pos, k_pos, window, block_size):
-  """Fold keys k, v (global frames k_pos) into stats, block_size keys at a time.
-
-  Scores are [rows, block_size] at a time, so memory is linear in the number
-  of keys; the scan body is rematerialised so the backward pass keeps only
-  the per-block statistics, not the scores.
-  """
-  def fold_block(stats, block):
-    k_blk, v_blk, kp = block
-    update = lambda st: _online_softmax_step(st, q, k_blk, v_blk, q_pos, kp, window)
-    if window < 0:
-      return update(stats), None
-    # Frame ranges are contiguous: a key block whose nearest frame is more
-    # than `window` away from every query adds nothing, so skip its maths.
-    gap = jnp.maximum(kp[0] - q_pos[-1], q_pos[0] - kp[-1])
-    return jax.lax.cond(gap <= window, update, lambda st: st, stats), None
-
-  num_keys = k.shape[1]
-  # The largest block that tiles the keys exactly (no padding to mask out).
-  size = max(d for d in range(1, min(block_size, num_keys) + 1) if num_keys % d == 0)
-  split = lambda x: jnp.moveaxis(
-      x.reshape(x.shape[0], num_keys // size, size, *x.shape[2:]), 1, 0)
-  stats, _ = jax.lax.scan(jax.checkpoint(fold_block), stats,
-                          (split(k), split(v), k_pos.reshape(-1, size)))
-  return stats
-
-
-def _finish(stats, dtype):
-  _, l, acc = stats
-  # Every query attends at least to its own frame, so l > 0.
-  out = acc / l[..., None]                       # [B, N, H, T, Dh]
-  return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype)
-
-
 # ---- sharded implementations (bodies run per device inside shard_map) --------
+# The per-block maths is the flash kernel of attention.py (flash_fold /
+# flash_backward), on [b, T, N*H, Dh] columns: each (token, head) is a 'head'.
 
 
-def _ring_body(q, k, v, *, seq_axis, vary_axes, window, block_size):
-  """q, k, v: this device's [b, T/n, N, H, Dh] time block."""
+def _ring_positions(me, n, t, s):
+  """Global frames of the key block a device holds after s ring shifts."""
+  return ((me - s) % n) * t + jnp.arange(t)
+
+
+def _ring_fwd_body(q, k, v, *, seq_axis, window, block_size):
+  """q, k, v: this device's [b, T/n, N, H, Dh] time block -> (out, lse).
+
+  Every device keeps its queries and passes its key/value block round the
+  ring; after n steps each query block has met every key block. lse
+  [b, N*H, T/n] is what the backward pass needs to recompute probabilities.
+  """
   n = jax.lax.axis_size(seq_axis)
   me = jax.lax.axis_index(seq_axis)
   t = q.shape[1]
-  q = q * (1.0 / math.sqrt(q.shape[-1]))
+  q_c = _as_columns(q)
   q_pos = me * t + jnp.arange(t)
-  # Fresh constants are device-invariant; the loop makes them vary per device,
-  # and shard_map's type check wants the carry's type fixed up front.
-  stats = jax.lax.pcast(_init_stats(q), vary_axes, to='varying')
   # Send to the next device: after s shifts we hold the block of device me-s.
   ring = [(i, (i + 1) % n) for i in range(n)]
 
-  # checkpoint: the backward pass recomputes each ring step instead of keeping
-  # every step's intermediate statistics alive.
-  @jax.checkpoint
   def fold(stats, k_blk, v_blk, s):
-    k_pos = ((me - s) % n) * t + jnp.arange(t)   # global frames of this block
-    return _fold_keys(stats, q, k_blk, v_blk, q_pos, k_pos, window, block_size)
+    return attention.flash_fold(
+        stats, q_c, k_blk, v_blk, q_pos=q_pos,
+        k_pos=_ring_positions(me, n, t, s), window=window, block_size=block_size)
 
   def body(s, carry):
     stats, k_blk, v_blk = carry
@@ -183,35 +114,99 @@ def _ring_body(q, k, v, *, seq_axis, vary_axes, window, block_size):
     return fold(stats, k_blk, v_blk, s), k_next, v_next
 
   # n-1 steps that also pass blocks on, then the last block without a send.
-  stats, k_blk, v_blk = jax.lax.fori_loop(0, n - 1, body, (stats, k, v))
-  stats = fold(stats, k_blk, v_blk, n - 1)
-  return _finish(stats, q.dtype)
+  stats, k_blk, v_blk = jax.lax.fori_loop(
+      0, n - 1, body, (attention.flash_init(q_c), _as_columns(k), _as_columns(v)))
+  out, lse = attention.flash_finish(fold(stats, k_blk, v_blk, n - 1))
+  return out.reshape(q.shape).astype(q.dtype), lse
 
 
-def _all_to_all_body(q, k, v, *, seq_axis, vary_axes, window, block_size):
+def _ring_bwd_body(q, k, v, out, lse, do, *, seq_axis, window, block_size):
+  """Gradients (dq, dk, dv) of this device's block, flash-style.
+
+  The key/value blocks go round the ring again, each with its dK/dV
+  accumulator: at step s this device holds device me-s's block, recomputes
+  its probabilities from lse, adds its share of that block's dK/dV and
+  passes both on; after n steps plus one last shift every accumulator is back
+  on the device that owns its block. dQ stays local.
+  """
+  n = jax.lax.axis_size(seq_axis)
+  me = jax.lax.axis_index(seq_axis)
+  t = q.shape[1]
+  q_c, do_c = _as_columns(q), _as_columns(do)
+  delta = attention.flash_delta(do_c, _as_columns(out))
+  q_pos = me * t + jnp.arange(t)
+  ring = [(i, (i + 1) % n) for i in range(n)]
+  shift = lambda x: jax.lax.ppermute(x, seq_axis, ring)
+
+  def grads(dq, k_blk, v_blk, dk_acc, dv_acc, s):
+    return attention.flash_backward(
+        (dq, dk_acc, dv_acc), q_c, k_blk, v_blk, do_c, lse, delta, q_pos=q_pos,
+        k_pos=_ring_positions(me, n, t, s), window=window, block_size=block_size)
+
+  def body(s, carry):
+    dq, k_blk, v_blk, dk_acc, dv_acc = carry
+    k_next, v_next = shift(k_blk), shift(v_blk)
+    dq, dk_acc, dv_acc = grads(dq, k_blk, v_blk, dk_acc, dv_acc, s)
+    return dq, k_next, v_next, shift(dk_acc), shift(dv_acc)
+
+  zeros = jnp.zeros_like(q_c, jnp.float32)
+  dq, k_blk, v_blk, dk_acc, dv_acc = jax.lax.fori_loop(
+      0, n - 1, body, (zeros, _as_columns(k), _as_columns(v), zeros, zeros))
+  dq, dk_acc, dv_acc = grads(dq, k_blk, v_blk, dk_acc, dv_acc, n - 1)
+  dk, dv = shift(dk_acc), shift(dv_acc)             # home to their owner
+  return (dq.reshape(q.shape).astype(q.dtype),
+          dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype))
+
+
+def _lay_out(x, mesh, spec):
+  """Explicit-typed meshes (jax.make_mesh's default) make shard_map demand
+  inputs already laid out as in_specs; Auto meshes reshard by themselves."""
+  if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return x
+  return jax.reshard(x, jax.sharding.NamedSharding(mesh, spec)
+                     if isinstance(mesh, jax.sharding.Mesh) else spec)
+
+
+def _ring(q, k, v, *, mesh, spec, lse_spec, **kw):
+  """Ring attention with a flash-style VJP: the forward saves q, k, v, the
+  output and the log-sum-exp (all T/n-sized per device), not the K/V blocks
+  received from the other devices; the backward runs the ring again."""
+  fwd = jax.shard_map(functools.partial(_ring_fwd_body, **kw), mesh=mesh,
+                      in_specs=(spec,) * 3, out_specs=(spec, lse_spec))
+  bwd = jax.shard_map(functools.partial(_ring_bwd_body, **kw), mesh=mesh,
+                      in_specs=(spec,) * 4 + (lse_spec, spec),
+                      out_specs=(spec,) * 3)
+
+  @jax.custom_vjp
+  def attend(q, k, v):
+    return fwd(q, k, v)[0]
+
+  def attend_fwd(q, k, v):
+    out, lse = fwd(q, k, v)
+    return out, (q, k, v, out, lse)
+
+  def attend_bwd(res, do):
+    # The cotangent arrives laid out however the caller's gradient is.
+    return bwd(*res, _lay_out(do, mesh, spec))
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend(q, k, v)
+
+
+def _all_to_all_body(q, k, v, *, seq_axis, window, block_size):
   """Swap time-sharding for column-sharding, attend locally, swap back."""
   b, t, n_tok, h, d = q.shape
-  n = jax.lax.axis_size(seq_axis)
   # Columns are (token, head) pairs, token-major: with N divisible by the seq
   # size this splits token positions; otherwise it splits within tokens.
-  def to_cols(x):  # [b, T/n, N, H, Dh] -> [b, T, N*H/n, 1, Dh]: whole clip
-    # (kept 5-D, one 'head' per column, so the online-softmax code is shared)
-    x = jax.lax.all_to_all(_as_columns(x), seq_axis, split_axis=2, concat_axis=1,
-                           tiled=True)
-    return x[:, :, :, None]
-  q, k, v = to_cols(q), to_cols(k), to_cols(v)
-  # Local attention over the whole clip, blockwise so that scores stay
-  # [T, block_size] instead of [T, T].
-  pos = jnp.arange(t * n)
-  stats = jax.lax.pcast(_init_stats(q), vary_axes, to='varying')
-  stats = _fold_keys(stats, q * (1.0 / math.sqrt(d)), k, v, pos, pos, window,
-                     block_size)
-  out = _finish(stats, q.dtype)[:, :, :, 0]      # [b, T, N*H/n, Dh]
+  def to_cols(x):  # [b, T/n, N, H, Dh] -> [b, T, N*H/n, Dh]: whole clip
+    return jax.lax.all_to_all(_as_columns(x), seq_axis, split_axis=2,
+                              concat_axis=1, tiled=True)
+  # Local flash attention over the whole clip (its own custom VJP; autodiff
+  # transposes the all_to_alls): scores stay [T, block_size], not [T, T].
+  out = attention.blockwise_attention(to_cols(q), to_cols(k), to_cols(v),
+                                      window=window, block_size=block_size)
   out = jax.lax.all_to_all(out, seq_axis, split_axis=1, concat_axis=2, tiled=True)
   return out.reshape(b, t, n_tok, h, d)
-
-
-_IMPLS = {'ring': _ring_body, 'all_to_all': _all_to_all_body}
 
 
 def ring_temporal_attention(q, k, v, *, mesh: jax.sharding.Mesh | None = None,
@@ -234,8 +229,8 @@ def ring_temporal_attention(q, k, v, *, mesh: jax.sharding.Mesh | None = None,
     if mesh.empty:
       raise ValueError('ring_temporal_attention needs a mesh: pass mesh= or call '
                        'it under `with jax.set_mesh(mesh):`')
-  if impl not in _IMPLS:
-    raise ValueError(f'impl must be one of {sorted(_IMPLS)}, got {impl!r}')
+  if impl not in IMPLS:
+    raise ValueError(f'impl must be one of {sorted(IMPLS)}, got {impl!r}')
   if seq_axis not in mesh.shape:
     raise ValueError(f'mesh has no axis {seq_axis!r}; its axes: {dict(mesh.shape)}')
   b, t, n_tok, h, _ = q.shape
@@ -255,15 +250,11 @@ def ring_temporal_attention(q, k, v, *, mesh: jax.sharding.Mesh | None = None,
         f'{seq_axis!r} of size {n_seq}: N*H must be a multiple of {n_seq}')
 
   spec = P(batch_axes or None, seq_axis)
-  if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    # Explicit-typed meshes (jax.make_mesh's default) make shard_map demand
-    # inputs already laid out as in_specs; Auto meshes reshard by themselves.
-    target = (jax.sharding.NamedSharding(mesh, spec)
-              if isinstance(mesh, jax.sharding.Mesh) else spec)
-    q, k, v = (jax.reshard(x, target) for x in (q, k, v))
-  body = jax.shard_map(
-      lambda q, k, v: _IMPLS[impl](
-          q, k, v, seq_axis=seq_axis, vary_axes=batch_axes + (seq_axis,),
-          window=window, block_size=block_size),
-      mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+  q, k, v = (_lay_out(x, mesh, spec) for x in (q, k, v))
+  kw = dict(seq_axis=seq_axis, window=int(window), block_size=int(block_size))
+  if impl == 'ring':
+    return _ring(q, k, v, mesh=mesh, spec=spec,
+                 lse_spec=P(batch_axes or None, None, seq_axis), **kw)
+  body = jax.shard_map(functools.partial(_all_to_all_body, **kw), mesh=mesh,
+                       in_specs=(spec, spec, spec), out_specs=spec)
   return body(q, k, v)
