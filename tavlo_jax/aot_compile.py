@@ -19,9 +19,9 @@ Topologies:
   v4:AxBxC  v5p:AxBxC  v5e:AxB  v6e:AxB
                      TPU slices, compiled by libtpu. Optional extra, never in
                      requirements.txt:  pip install 'jax[tpu]==0.10.2'
-                     (= libtpu 0.0.42.*). libtpu itself stops a compile that
-                     needs more HBM than the chip has; that is reported as
-                     DOES NOT FIT with its numbers.
+                     (= libtpu 0.0.42.*). If libtpu refuses a program for
+                     lack of HBM (RESOURCE_EXHAUSTED), that is reported as
+                     DOES NOT FIT with its message.
 
 The config flags are main's (`--config=file.py:variant`, locked, the same
 one-line errors for a bad `--config.x=y`), so the command that checks a job is
@@ -113,9 +113,12 @@ def _tpu_topology(name: str, gen: str, shape: str, num_slices: int) -> Topology:
     raise TopologyError(
         f'--topology={name} needs libtpu (TPU compiler), which is not installed: '
         f'{LIBTPU_PIP}   (an optional extra; or use --topology=cpu:N)')
-  # libtpu reads the GCE metadata for the slice it runs on; off a TPU VM tell
-  # it there is none instead of printing warnings about it.
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  # Off a TPU VM libtpu prints warnings about the TPU metadata it cannot
+  # find (accelerator type, worker hostnames); they do not affect compiling.
+  # libtpu also takes /tmp/libtpu_lockfile, so a second process (another
+  # check, a job) would fail with "Internal error when accessing libtpu
+  # multi-process lockfile"; compiling never opens the chips, so allow it.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chips = [int(d) for d in dims] + [1] * (3 - len(dims))
   per_host = tuple(min(c, b) for c, b in zip(chips, (2, 2, 1)))

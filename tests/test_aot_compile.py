@@ -130,3 +130,15 @@ def test_tpu_topology_compiles_runlocal():
   report = aot_compile.analyse(_config(), topology)
   assert report.fits, aot_compile.format_report(report, RUNLOCAL, _config())
   assert report.argument_bytes > 0 and report.temp_bytes > 0 and report.flops > 0
+
+
+def test_compiler_out_of_memory_message_is_a_does_not_fit_verdict():
+  # What libtpu says when a program needs more HBM than the chip has.
+  message = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of '
+             'memory in memory space hbm. Used 17.52G of 15.75G hbm. Exceeded '
+             'hbm capacity by 1.77G.')
+  report = aot_compile.Report('v5e:2x2', 'TPU v5 lite', 4, {}, 16 * aot_compile.GIB,
+                              'TPU v5 lite HBM', compiler_oom=message,
+                              argument_bytes=aot_compile._compiler_oom_bytes(message))
+  assert not report.fits and aot_compile.exit_code(report) == 3
+  assert report.verdict() == 'DOES NOT FIT (needs 17.52 GiB of 16 GiB per device)'
