@@ -91,7 +91,7 @@ def _pool(sims, how):
     # "Inverted maps" in the module docstring.
     return sims.max(-1) - sims.mean(-1)
   raise ValueError(f'pooling {how!r}; expected one of {POOLINGS} '
-                   '(config.loss.negatives)')
+                   '(config.loss.positives / config.loss.negatives)')
 
 
 def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
