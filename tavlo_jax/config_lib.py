@@ -118,6 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.positives = 'peak'                 # a clip's own frame: peak | max | mean
   c.loss.negatives = 'peak'                 # other clips: peak | max | mean (collapses)
   c.loss.symmetric = True                   # both a->v and v->a directions
+  # Out-of-sync negatives: K copies of each clip's own audio rolled by a
+  # random number of frames (beyond the temporal window), scored as extra
+  # negatives for its frames. The only term that rewards timing when a batch
+  # holds no other clip of the same category; see losses.py. 0 = off (paper).
+  c.loss.shifted_audio_negatives = 0
 
   # ---- optimisation ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
@@ -168,6 +173,7 @@ def make_image_level(c: ml_collections.ConfigDict) -> None:
   c.model.temporal_attention = False
   c.model.per_frame_audio = False
   c.loss.name = 'ezvsl'
+  c.loss.shifted_audio_negatives = 0       # one clip-level audio has no timing
 
 
 def make_runlocal(c: ml_collections.ConfigDict) -> None:

@@ -43,6 +43,24 @@ negatives) encodes the other prior, that a source is a small part of the
 frame; alone it did NOT fix the sign (argmax on source 0.0% at 250 steps).
 The run-time check is `map_polarity` / the evaluator's sign check.
 
+Out-of-sync negatives (`extra_audio`, config.loss.shifted_audio_negatives).
+The cross-clip loss rewards timing only through negatives of the SAME
+category: a bag's max can sit on either of two identical objects, so telling
+the sounding twin from the silent one pays only when another clip of the
+batch sounds like this one at other times. With 8 categories and a batch of
+16 that is ~2 negatives in 15, and the default run reached 52% pointing on
+Multi-entity (chance ~42%). The model's `audio_shifts` rolls each clip's
+audio tokens by a random number of frames (more than the temporal window) and
+runs them through the audio path again: same category, same sound, wrong
+times. Scored as negatives for the clip's own frames (v->a), they can be told
+apart only by matching sound events to visual actions, so every clip becomes
+a lesson in synchrony (the classic audio-visual synchronisation pretext task,
+Owens & Efros 2018, made per frame). `sync_accuracy` in `aux` is how often a
+frame's bag prefers its in-sync audio to all of its out-of-sync copies (0.5 =
+blind to timing, for K = 1). Off by default: it is not in the paper, and at
+the CPU budget it lowered pointing on every scenario (250 steps; numbers in
+WORKSPACE.md, Model).
+
 Collapse detectors in `aux`: `retrieval_accuracy` always scores with max/max
 pooling (is the audio actually matched to its own clip?) and
 `max_margin` = mean(pos max) - mean(neg max); a falling loss with
@@ -96,14 +114,19 @@ def _pool(sims, how):
 
 def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
                       symmetric: bool = True, mask=None,
-                      positives: str = 'max'):
+                      positives: str = 'max', extra_audio=None):
   """Temporal-bag MIL contrastive loss. Returns (scalar loss, aux dict).
 
   visual [B, T, h, w, D], audio [B, T, D] (or [B, D]): L2-normalised.
   mask: bool [B] or [B, T]; False entries (padding clips, missing frames) are
   neither anchors nor negatives.
+  extra_audio: optional [K, B, T, D] audio tokens that are negatives for
+  every visual bag (v->a direction only: they have no positive of their own),
+  e.g. each clip's own audio out of sync (see "Out-of-sync negatives").
   aux: per_example [B] (mean over the clip's valid frames of its terms),
-  loss_a2v, loss_v2a, and the similarity statistics described above.
+  loss_a2v, loss_v2a, and the similarity statistics described above; with
+  extra_audio also sync_accuracy, how often a clip's bag scores its in-sync
+  audio above every out-of-sync copy of it.
   """
   sims = similarity_bags(visual, audio)                 # [T, B, B, N]
   t, b = sims.shape[:2]
@@ -124,8 +147,20 @@ def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
   safe = lambda x: jnp.where(valid, x, 0.0)
   a2v = safe(jax.nn.logsumexp(jnp.where(valid[:, :, None], masked, 0.0), 2)
              - positive)
-  v2a = safe(jax.nn.logsumexp(jnp.where(valid[:, None, :], masked, 0.0), 1)
-             - positive)
+  v2a_scores = jnp.where(valid[:, None, :], masked, 0.0)          # [T, Ba, Bv]
+  sync = {}
+  if extra_audio is not None:
+    extra = _pool(jnp.einsum('kitd,jtnd->tkijn', extra_audio.astype(jnp.float32),
+                             visual.reshape(b, t, -1, visual.shape[-1])
+                             .astype(jnp.float32)), negatives) / temperature
+    k = extra.shape[1]
+    extra = extra.reshape(t, k * b, b)                              # [T, K*Ba, Bv]
+    extra_ok = jnp.tile(valid, (1, k))[:, :, None] & valid[:, None, :]
+    v2a_scores = jnp.concatenate(
+        [v2a_scores, jnp.where(extra_ok, extra, -jnp.inf)], axis=1)
+    own_shifted = jnp.diagonal(extra.reshape(t, k, b, b), axis1=2, axis2=3)
+    sync = dict(sync_accuracy=(positive > own_shifted.max(1)))    # [T, B]
+  v2a = safe(jax.nn.logsumexp(v2a_scores, 1) - positive)
   terms = (a2v + v2a) / 2 if symmetric else a2v         # [T, B]
 
   n_valid = jnp.maximum(valid.sum(), 1)
@@ -151,19 +186,21 @@ def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
       neg_mean_sim=mean_neg(mean_pooled),
       max_margin=pos_max - neg_max,
       retrieval_accuracy=mean_valid(retrieved == jnp.arange(b)[None]),
+      **{name: mean_valid(v) for name, v in sync.items()},
   )
   return mean_valid(terms), aux
 
 
 def ezvsl_loss(visual, audio, temperature: float, mask=None,
-               pooling: str = 'max'):
+               pooling: str = 'max', extra_audio=None):
   """EZ-VSL's MIL loss: one global audio embedding ([B, D] or tiled
   [B, T, D]) against each frame's bag, the same pooling for all pairs (max in
   the paper; our configs give it the TAVLO runs' pooling so that the two
   differ only in the model), both directions. The temporal loss with T
   frames of identical audio."""
   return temporal_mil_loss(visual, audio, temperature, negatives=pooling,
-                           positives=pooling, symmetric=True, mask=mask)
+                           positives=pooling, symmetric=True, mask=mask,
+                           extra_audio=extra_audio)
 
 
 def map_polarity(heatmap, gt_mask):
@@ -196,5 +233,6 @@ def make_loss(config: ml_collections.ConfigDict):
                            pooling=config.loss.negatives)
   else:
     raise ValueError(f'config.loss.name={name!r}; expected temporal_mil|ezvsl')
-  return lambda outputs, mask=None: fn(outputs['visual'], outputs['audio'],
-                                       mask=mask)
+  return lambda outputs, mask=None: fn(
+      outputs['visual'], outputs['audio'], mask=mask,
+      extra_audio=outputs.get('shifted_audio'))

@@ -134,6 +134,26 @@ def _model_audio(config, batch):
   return audio_lib.audio_features(batch, config)
 
 
+def _audio_shifts(config, batch, rng):
+  """{'audio_shifts': int [K, B]} for out-of-sync negatives, or {}.
+
+  Each shift is at least the temporal window + 1 frames away from 0 on the
+  circle of T frames, so an out-of-sync copy never lines up with its clip
+  within what temporal attention sees.
+  """
+  k = config.loss.shifted_audio_negatives
+  if not k:
+    return {}
+  b, t = batch['frames'].shape[:2]
+  window = config.model.temporal_window
+  lo = window + 1 if 0 <= window < t // 2 else max(1, t // 4)
+  if t - 2 * lo < 0:
+    raise ValueError(f'clips of {t} frames are too short for out-of-sync '
+                     f'negatives with temporal_window={window}')
+  shifts = jax.random.randint(jax.random.fold_in(rng, 1), (k, b), lo, t - lo + 1)
+  return dict(audio_shifts=shifts)
+
+
 def train_step(state: TrainState, batch, base_rng, *, config, model):
   """One update. Pure: everything random comes from fold_in(rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
@@ -146,7 +166,8 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
       variables['batch_stats'] = state.batch_stats
       mutable = ['batch_stats']
     out, updates = model.apply(variables, batch['frames'], audio, train=True,
-                               mutable=mutable, rngs={'dropout': rng})
+                               mutable=mutable, rngs={'dropout': rng},
+                               **_audio_shifts(config, batch, rng))
     loss, aux = losses.make_loss(config)(out)
     return loss, (aux, updates)
 

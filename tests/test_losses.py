@@ -28,8 +28,9 @@ def random_batch(b=5, t=3, n=6, d=4, seed=0):
 
 
 def reference(visual, audio, temperature, negatives, symmetric, mask=None,
-              positives='max'):
-  """Loops over frames, anchors and candidates, float64."""
+              positives='max', extra=None):
+  """Loops over frames, anchors and candidates, float64. extra [K, B, T, D]:
+  more audio candidates for each visual bag (v->a only)."""
   b, t = visual.shape[:2]
   v = np.asarray(visual, np.float64).reshape(b, t, -1, visual.shape[-1])
   a = np.asarray(audio, np.float64)
@@ -49,6 +50,10 @@ def reference(visual, audio, temperature, negatives, symmetric, mask=None,
     for i in members:
       row = logits[i, members]
       col = logits[members, i]
+      if extra is not None:
+        col = np.concatenate([col, [
+            pool[negatives](v[i, f] @ np.asarray(extra[k, m, f], np.float64))
+            / temperature for k in range(len(extra)) for m in members]])
       a2v = np.log(np.exp(row - row.max()).sum()) + row.max() - logits[i, i]
       v2a = np.log(np.exp(col - col.max()).sum()) + col.max() - logits[i, i]
       terms[i, f] = (a2v + v2a) / 2 if symmetric else a2v
@@ -76,6 +81,42 @@ def test_matches_float64_reference(positives, negatives, symmetric, masked):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(aux['per_example'], ref_per_example, rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_out_of_sync_negatives_match_float64_reference(masked):
+  visual, audio = random_batch(seed=3)
+  extra = unit(np.random.default_rng(4).normal(size=(2,) + audio.shape))
+  extra = extra.astype(np.float32)
+  mask = None
+  if masked:
+    mask = np.ones((5, 3), bool)
+    mask[1] = False
+    mask[3, 2] = False
+  loss, aux = mil_loss(visual, audio, 0.1, negatives='peak', positives='peak',
+                       mask=mask, extra_audio=extra)
+  ref_loss, ref_per_example = reference(visual, audio, 0.1, 'peak', True,
+                                        mask, 'peak', extra=extra)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(aux['per_example'], ref_per_example, rtol=1e-5,
+                             atol=1e-6)
+  assert np.isfinite(jax.grad(lambda x: mil_loss(
+      visual, audio, 0.1, mask=mask, extra_audio=x)[0])(extra)).all()
+
+
+def test_sync_accuracy_tells_in_sync_from_out_of_sync_audio():
+  visual, audio = random_batch(seed=5)
+  # A copy of the in-sync audio scores the same: never strictly preferred.
+  _, aux = mil_loss(visual, audio, 0.1, extra_audio=audio[None])
+  assert float(aux['sync_accuracy']) == 0.0
+  # Another clip's audio as the "shifted" copy: compare with a direct count.
+  other = np.roll(audio, 1, axis=0)
+  _, aux = mil_loss(visual, audio, 0.1, extra_audio=other[None])
+  v = visual.reshape(5, 3, -1, visual.shape[-1]).astype(np.float64)
+  wins = [(v[i, f] @ audio[i, f]).max() > (v[i, f] @ other[i, f]).max()
+          for i in range(5) for f in range(3)]
+  assert 0 < np.mean(wins) < 1
+  np.testing.assert_allclose(aux['sync_accuracy'], np.mean(wins), rtol=1e-6)
 
 
 def test_directions_are_separately_right():

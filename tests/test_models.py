@@ -263,6 +263,54 @@ def test_audio_centering_batch_mean_in_training_running_mean_at_eval():
     module.apply(updates, jnp.zeros((1, 4, 5)), train=False)
 
 
+@pytest.mark.parametrize('center_audio', [False, True])
+def test_shifted_audio_is_the_model_run_on_rolled_audio(center_audio):
+  """Out-of-sync negatives: a shift of 0 gives the in-sync audio tokens, and
+  a shift of k gives what the model makes of the spectrogram rolled by k
+  frames (the audio path is per frame block, and never reads the frames), so
+  the copies differ from the real thing only in timing; centred by the
+  in-sync batch mean."""
+  c = tiny_config(center_audio=center_audio)
+  c.loss.shifted_audio_negatives = 2
+  frames, audio = inputs(c, batch=3)
+  model = build_model(c)
+  variables = nn.meta.unbox(model.init(init_key(), frames, audio))
+  shifts = jnp.array([[2, 3, 4], [0, 0, 0]])
+  apply = functools.partial(model.apply, variables, train=True,
+                            mutable=['batch_stats'])
+  out, _ = apply(frames, audio, audio_shifts=shifts)
+  assert out['shifted_audio'].shape == (2,) + out['audio'].shape
+  np.testing.assert_allclose(out['shifted_audio'][1], out['audio'], atol=1e-5)
+  cols = c.input.audio.columns_per_frame
+  rolled = jnp.stack([jnp.roll(audio[i], int(k) * cols, axis=0)
+                      for i, k in enumerate(shifts[0])])
+  if not center_audio:
+    ref, _ = apply(frames, rolled)
+    np.testing.assert_allclose(out['shifted_audio'][0], ref['audio'], atol=1e-5)
+    return
+  # Centred: the rolled clip's raw audio head output minus the IN-SYNC batch
+  # mean, from two separate forward passes.
+  def audio_head_output(a):
+    _, state = apply(frames, a, capture_intermediates=True)
+    return np.asarray(state['intermediates']['audio_head']['__call__'][0],
+                      np.float64)
+  expect = audio_head_output(rolled) - audio_head_output(audio).mean(0)
+  expect /= np.linalg.norm(expect, axis=-1, keepdims=True)
+  np.testing.assert_allclose(out['shifted_audio'][0], expect, atol=1e-5)
+
+
+def test_shifted_audio_needs_per_frame_audio_that_never_sees_frames():
+  for fields in (dict(per_frame_audio=False), dict(cross_modal_attention=True)):
+    c = tiny_config(**fields)
+    c.loss.shifted_audio_negatives = 1
+    with pytest.raises(ValueError, match='shifted_audio_negatives'):
+      build_model(c)
+  c = tiny_config('ezvsl')
+  c.loss.shifted_audio_negatives = 1
+  with pytest.raises(ValueError, match='shifted_audio_negatives'):
+    build_model(c)
+
+
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
 def test_audio_shared_by_every_clip_makes_no_map_in_training(name):
   """The sign safeguard: what every clip's audio has in common is removed, so

@@ -67,6 +67,24 @@ def test_sharded_step_matches_single_device(mesh, impl):
                params, ref_params)
 
 
+def test_out_of_sync_negatives_step_sharded_matches_single_device():
+  """The shifted-audio path (random rolls along time) under a time-sharded
+  ring-attention mesh gives the single-device loss and reports sync_accuracy."""
+  config = _config(data=1, fsdp=1, seq=1)
+  config.loss.shifted_audio_negatives = 1
+  ref_params, ref_metrics = _one_step(config, jax.devices()[:1])
+  assert 0.0 <= float(ref_metrics['sync_accuracy']) <= 1.0
+  assert ref_metrics['loss'] != _reference()[1]['loss']   # the term is there
+  config = _config(data=2, fsdp=1, seq=4)
+  config.loss.shifted_audio_negatives = 1
+  config.model.attention_impl = 'ring'
+  params, metrics = _one_step(config, jax.devices())
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics['sync_accuracy'], ref_metrics['sync_accuracy'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               params, ref_params)
+
+
 def test_sharding_report_counts_replicated_bytes():
   config = _config(data=2, fsdp=4, seq=1)
   mesh = sharding.make_mesh(config.mesh)

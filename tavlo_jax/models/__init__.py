@@ -48,6 +48,13 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'embed_dim + temporal_pos_dim = {m.embed_dim + m.temporal_pos_dim} '
         f'must be divisible by config.model.num_heads={m.num_heads}')
+  if config.loss.get('shifted_audio_negatives', 0) and (
+      m.name != 'tavlo' or not m.per_frame_audio or m.cross_modal_attention):
+    raise ValueError(
+        'config.loss.shifted_audio_negatives needs per-frame audio that never '
+        'sees the frames: model.name=tavlo, per_frame_audio=True, '
+        f'cross_modal_attention=False (got {m.name!r}, {m.per_frame_audio}, '
+        f'{m.cross_modal_attention}); set it to 0 for this model')
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:

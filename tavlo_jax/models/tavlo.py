@@ -178,7 +178,12 @@ class TAVLO(nn.Module):
     return table.astype(self.dtype)
 
   @nn.compact
-  def __call__(self, frames, audio, train: bool = False):
+  def __call__(self, frames, audio, train: bool = False, audio_shifts=None):
+    """audio_shifts: optional int [K, B]. For each row k, clip b's audio
+    tokens are rolled by audio_shifts[k, b] frames and sent through the audio
+    path again, giving `shifted_audio` [K, B, T, D]: the clip's own sound, out
+    of sync with its frames (hard negatives for the loss; see
+    tavlo_jax/losses.py "Out-of-sync negatives")."""
     b, t = frames.shape[:2]
     x = normalize_frames(frames, self.dtype)
     feats = self.visual_encoder(x, train)                     # [B,T,h,w,C]
@@ -200,25 +205,57 @@ class TAVLO(nn.Module):
                            self.temporal_pos_dim,
                            lambda: sinusoid_1d(t, self.temporal_pos_dim))[:t]
     x = jnp.concatenate([tokens[:, :, None], visual], axis=2)   # [B,T,1+N,Df]
-    code = jnp.broadcast_to(temporal[None, :, None],
-                            (b, t, 1 + h * w, self.temporal_pos_dim))
-    x = nn.with_logical_constraint(jnp.concatenate([x, code], -1), TOKEN_AXES)
+    with_code = lambda x: nn.with_logical_constraint(jnp.concatenate(
+        [x, jnp.broadcast_to(temporal[None, :, None],
+                             x.shape[:3] + (self.temporal_pos_dim,))], -1),
+        TOKEN_AXES)
+    x = with_code(x)
 
-    for i in range(self.num_layers):
-      x = ASTBlock(self.num_heads, self.mlp_ratio, self.temporal_attention,
-                   self.temporal_window, self.cross_modal_attention,
-                   self.attention_impl, self.attention_block, self.dtype,
-                   spatial_attention=self.spatial_attention,
-                   name=f'block{i + 1}')(x)
-    x = _layer_norm('final_norm', self.dtype)(x)
+    # Built once, called on the full tokens and (below) on shifted audio alone.
+    blocks = [ASTBlock(self.num_heads, self.mlp_ratio, self.temporal_attention,
+                       self.temporal_window, self.cross_modal_attention,
+                       self.attention_impl, self.attention_block, self.dtype,
+                       spatial_attention=self.spatial_attention,
+                       name=f'block{i + 1}') for i in range(self.num_layers)]
+    final_norm = _layer_norm('final_norm', self.dtype)
+    audio_head = _dense(x.shape[-1], 'audio_head', ('embed', None), self.dtype)
+    centering = AudioCentering(name='audio_centering')
+
+    def run_blocks(x):
+      for block in blocks:
+        x = block(x)
+      return final_norm(x)
+
+    x = run_blocks(x)
     width = x.shape[-1]
-    audio_out = _dense(width, 'audio_head', ('embed', None), self.dtype)(
-        x[:, :, 0])
+    audio_raw = audio_head(x[:, :, 0])
     visual_out = _dense(width, 'visual_head', ('embed', None), self.dtype)(
         x[:, :, 1:]).reshape(b, t, h, w, width)
-    if self.center_audio:
-      audio_out = AudioCentering(name='audio_centering')(audio_out, train)
-    return make_outputs(visual_out, audio_out)
+    audio_out = centering(audio_raw, train) if self.center_audio else audio_raw
+    outputs = make_outputs(visual_out, audio_out)
+    if audio_shifts is None:
+      return outputs
+
+    # Out-of-sync copies of the audio. With the leak guard on, the audio
+    # token's path never reads a visual token (spatial attention: itself only;
+    # temporal attention and MLP: per position), so running the blocks on the
+    # audio token alone gives exactly what the full forward would give it.
+    if self.cross_modal_attention or not self.per_frame_audio:
+      raise ValueError('out-of-sync audio negatives (config.loss.'
+                       'shifted_audio_negatives) need per_frame_audio=True and '
+                       'cross_modal_attention=False')
+    roll = jax.vmap(lambda seq, k: jnp.roll(seq, k, axis=0))
+    shifted = []
+    for shifts in audio_shifts:
+      y = run_blocks(with_code(roll(tokens, shifts)[:, :, None]))
+      y = audio_head(y[:, :, 0])
+      if self.center_audio:
+        # Minus what AudioCentering removed from the in-sync audio: the
+        # shifted copies are centred the same way, not by their own mean.
+        y = y - (audio_raw - audio_out)
+      shifted.append(l2_normalize(y))
+    outputs['shifted_audio'] = jnp.stack(shifted)
+    return outputs
 
 
 class EZVSL(nn.Module):
