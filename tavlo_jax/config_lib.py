@@ -173,7 +173,6 @@ def make_image_level(c: ml_collections.ConfigDict) -> None:
   c.model.temporal_attention = False
   c.model.per_frame_audio = False
   c.loss.name = 'ezvsl'
-  c.loss.shifted_audio_negatives = 0       # one clip-level audio has no timing
 
 
 def make_runlocal(c: ml_collections.ConfigDict) -> None:

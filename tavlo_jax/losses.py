@@ -150,9 +150,8 @@ def temporal_mil_loss(visual, audio, temperature: float, negatives: str = 'max',
   v2a_scores = jnp.where(valid[:, None, :], masked, 0.0)          # [T, Ba, Bv]
   sync = {}
   if extra_audio is not None:
-    extra = _pool(jnp.einsum('kitd,jtnd->tkijn', extra_audio.astype(jnp.float32),
-                             visual.reshape(b, t, -1, visual.shape[-1])
-                             .astype(jnp.float32)), negatives) / temperature
+    extra = jnp.stack([_pool(similarity_bags(visual, a), negatives)
+                       for a in extra_audio], 1) / temperature     # [T, K, Ba, Bv]
     k = extra.shape[1]
     extra = extra.reshape(t, k * b, b)                              # [T, K*Ba, Bv]
     extra_ok = jnp.tile(valid, (1, k))[:, :, None] & valid[:, None, :]
