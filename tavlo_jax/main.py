@@ -72,6 +72,7 @@ def main(argv):
   from tavlo_jax import train  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
+  _check_model_config(config)
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
@@ -81,6 +82,18 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   train.run(config, _WORKDIR.value, mode=_MODE.value)
+
+
+def _check_model_config(config) -> None:
+  """Fields that fit their types but not each other (e.g. a loss option the
+  model cannot serve): one clear line and exit 2, before any data or compile.
+  `build_model` only builds the module; it allocates nothing."""
+  from tavlo_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    models.build_model(config)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 def _explain_config_override_error(argv) -> str | None:

@@ -61,6 +61,15 @@ def test_wrong_type_override_is_one_clear_line(tmp_path):
   assert 'expected an int' in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_fields_that_do_not_fit_together_are_one_clear_line(tmp_path):
+  r = _main('--config=configs/avatar_synth.py:runlocal+ezvsl',
+            f'--workdir={tmp_path}', '--config.loss.shifted_audio_negatives=1')
+  assert r.returncode == 2
+  assert 'shifted_audio_negatives' in r.stderr and 'ezvsl' in r.stderr
+  assert 'Traceback' not in r.stderr, r.stderr
+  assert not (tmp_path / 'config.json').exists()   # stopped before any output
+
+
 def test_helpfull_lists_flags():
   r = _main('--helpfull')
   assert r.returncode in (0, 1), r.stderr  # absl exits 1 after printing help
