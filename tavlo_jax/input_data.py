@@ -90,6 +90,13 @@ class Data:
     return pipeline.make_eval_batches(self.config, src,
                                       windows=pipeline.plan_eval_windows(self.config, src))
 
+  def category_names(self) -> list[str] | None:
+    """Category index -> name of the eval dataset, from its builder's metadata
+    (avatar_synth: 'category_names', avatar: 'categories'); None if absent."""
+    meta = self.eval_builder.info.metadata or {}
+    names = meta.get('category_names') or meta.get('categories')
+    return list(names) if names else None
+
   def has_split(self, split: str) -> bool:
     return bool(split) and split in self.eval_builder.info.splits
 

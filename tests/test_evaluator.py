@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tavlo_jax import config_lib
+from tavlo_jax.data import sampling
 from tavlo_jax.evaluation import evaluator as evaluator_lib, reference
 from tavlo_jax.evaluation import report, visualize
 
@@ -40,6 +41,11 @@ def make_clips(seed=0, invert=False):
     gt = np.zeros((T,) + MASK, np.uint8)
     tags = np.zeros((T, 4), bool)
     tags[:, scenario] = True
+    # Sounding category: 3 categories over the on-screen clips, none off screen,
+    # and one frame of each mixed clip with two different ones (-1).
+    category = np.full(T, c % 3 if scenario != 3 else -1, np.int32)
+    if scenario == 1:
+      category[0] = -1
     if scenario != 3:
       for t in range(T):
         y, x = rng.integers(0, MASK[0] - 6), rng.integers(0, MASK[1] - 8)
@@ -48,7 +54,7 @@ def make_clips(seed=0, invert=False):
     pooled = gt.reshape(T, GRID[0], MASK[0] // GRID[0], GRID[1], MASK[1] // GRID[1]).mean((2, 4))
     heat = np.tanh(2 * pooled - 0.5 + 0.4 * rng.normal(size=(T,) + GRID)).astype(np.float32)
     clips.append({
-        'gt_mask': gt, 'any_mask': gt, 'tags': tags,
+        'gt_mask': gt, 'any_mask': gt, 'tags': tags, 'category': category,
         'ann_valid': rng.uniform(size=T) < 0.8,
         'cross_event': np.full(T, c % 3 == 0),
         'clip_index': np.int32(c), 'frame_index': np.arange(T, dtype=np.int32) * 2,
@@ -69,7 +75,7 @@ def batches(clips, global_batch, process_index=0, process_count=1):
     def stack(key, rows=rows):
       return np.stack([r[key] if r is not None else np.zeros_like(template[key]) for r in rows])
     batch = {k: stack(k) for k in ('gt_mask', 'any_mask', 'tags', 'ann_valid', 'cross_event',
-                                   'frame_index')}
+                                   'frame_index', 'category')}
     batch['valid'] = np.array([r is not None for r in rows])
     batch['clip_index'] = np.array([r['clip_index'] if r is not None else -1 for r in rows],
                                    np.int32)
@@ -171,6 +177,115 @@ def test_batch_size_and_sharding_do_not_change_anything(clips, evaluated):
   for batch, heat in batches(clips, GLOBAL_BATCH):
     ev.add(jax.device_put(batch, sharding), jax.device_put(heat, sharding))
   assert_tables_equal(ev.records(), table)
+
+
+# ---- per-category pointing game ------------------------------------------------
+
+def test_window_annotations_category_is_the_shared_sounding_category():
+  """Frame f of this record: 0 one sounding (cat 2) + a silent cat 1 -> 2;
+  1 sounding cats 0 and 3 -> -1; 2 two sounding cat 1 -> 1; 3 only a silent
+  instance -> -1; 4 one sounding of unknown category -> -1; 5 not annotated."""
+  rows = [(0, 2, True), (0, 1, False), (1, 0, True), (1, 3, True),
+          (2, 1, True), (2, 1, True), (3, 0, False), (4, -1, True)]
+  record = {
+      'frames_annotated': {'frame_index': [0, 1, 2, 3, 4], 'tags': [[1, 0, 0, 0]] * 5,
+                           'cross_event': [False] * 5},
+      'instances': {
+          'annotation_index': np.array([r[0] for r in rows], np.int32),
+          'category': np.array([r[1] for r in rows], np.int32),
+          'category_name': [f'cat{r[1]}' for r in rows],
+          'sounding': np.array([r[2] for r in rows]),
+          'mask': np.ones((len(rows), 2, 3), np.uint8),
+          'box': np.zeros((len(rows), 4), np.float32)},
+  }
+  frame_index = np.array([0, 1, 2, 3, 4, 5, -1], np.int32)
+  out = sampling.window_annotations(record, frame_index, range(6), (2, 3), 4)
+  assert out['category'].dtype == np.int32
+  np.testing.assert_array_equal(out['category'], [2, -1, 1, -1, -1, -1, -1])
+  # The window sees the frames in another order: the categories follow them.
+  out = sampling.window_annotations(record, frame_index[::-1].copy(), range(6), (2, 3), 4)
+  np.testing.assert_array_equal(out['category'], [-1, -1, -1, -1, 1, -1, 2])
+
+
+def test_category_scores_match_a_hand_count():
+  # tags (single, mixed, multi, offscreen), category, hit.
+  frames = [('single', 0, 1), ('single', 0, 0), ('multi', 0, 1), ('mixed', 0, 1),
+            ('single', 1, 0), ('mixed', 1, 1),
+            ('offscreen', 2, 1), ('offscreen', 0, 0),   # off screen: not counted
+            ('single', -1, 1), ('multi', -1, 0),   # unknown / several: left out
+            ('single', 4, 1)]
+  table = {'tags': np.array([[t == s for s in evaluator_lib.SCENARIO_COLUMNS]
+                             for t, _, _ in frames]),
+           'category': np.array([c for _, c, _ in frames], np.int32),
+           'hit': np.array([h for _, _, h in frames], bool)}
+  got = evaluator_lib.category_scores(table, names=['red circle', 'yellow square'])
+  assert list(got) == [0, 1, 4]
+  assert got[0] == {'num_frames': 4, 'pointing_game': 75.0, 'single': 50.0,
+                    'multi': 100.0, 'name': 'red circle'}
+  assert got[1]['num_frames'] == 2 and got[1]['pointing_game'] == 50.0
+  assert got[1]['single'] == 0.0 and math.isnan(got[1]['multi'])
+  assert got[1]['name'] == 'yellow square'
+  assert got[4]['pointing_game'] == 100.0 and 'name' not in got[4]   # no name for 4
+  assert evaluator_lib.category_scores({k: v[6:10] for k, v in table.items()}) == {}
+
+
+def test_per_category_pointing_in_results_and_reports(clips, evaluated, tmp_path):
+  _, table, _, results = evaluated
+  # Plain numpy over the clips themselves (not the records' category column).
+  hit = {(int(c), int(f)): bool(h) for c, f, h in zip(table['clip_index'], table['frame_index'],
+                                                      table['hit'])}
+  want = {}
+  for clip in clips:
+    for t in np.flatnonzero(clip['ann_valid']):
+      cat = int(clip['category'][t])
+      if cat >= 0 and clip['tags'][t, :3].any():
+        want.setdefault(cat, []).append(
+            (hit[(int(clip['clip_index']), int(clip['frame_index'][t]))], clip['tags'][t]))
+  per_category = results['per_category']
+  assert sorted(per_category) == sorted(want) == [0, 1, 2]
+  for cat, frames in want.items():
+    h = np.array([x for x, _ in frames], float)
+    tags = np.array([x for _, x in frames])
+    got = per_category[cat]
+    assert got['num_frames'] == len(frames)
+    assert got['pointing_game'] == pytest.approx(100 * h.mean())
+    for col, name in ((0, 'single'), (2, 'multi')):
+      assert got[name] == pytest.approx(100 * h[tags[:, col]].mean())
+  scalars = evaluator_lib.scalar_metrics(results)
+  assert scalars['eval/per_category/2/pointing_game'] == per_category[2]['pointing_game']
+  text = report.format_table(results)
+  assert 'Pointing game per sounding category' in text
+  worst = min(per_category, key=lambda c: per_category[c]['pointing_game'])
+  assert f'Worst category: {worst}, pointing' in text
+  assert f"| 1 | {per_category[1]['num_frames']} |" in text
+  # Names label the rows; the CSV carries the per-frame category.
+  named = run_evaluator(clips, GLOBAL_BATCH, category_names=['red circle', 'yellow square',
+                                                             'blue diamond']).finalize()
+  assert named['per_category'][0]['name'] == 'red circle'
+  assert '| red circle (0) |' in report.format_table(named)
+  paths = report.write(str(tmp_path), results, table)
+  with open(paths['csv']) as f:
+    header, *lines = [line.split(',') for line in f.read().splitlines()]
+  col = header.index('category')
+  assert [int(x[col]) for x in lines] == table['category'].tolist()
+  assert sorted(set(table['category'].tolist())) == [-1, 0, 1, 2]
+
+
+def test_batch_without_category_still_evaluates(clips, evaluated):
+  _, table, cal, results = evaluated
+  ev = evaluator_lib.Evaluator(make_config())
+  for batch, heat in batches(clips, GLOBAL_BATCH):
+    del batch['category']
+    ev.add(batch, heat)
+  got_table = ev.records()
+  assert (got_table['category'] == -1).all() and got_table['category'].dtype == np.int32
+  assert_tables_equal({k: v for k, v in got_table.items() if k != 'category'},
+                      {k: v for k, v in table.items() if k != 'category'})
+  got = ev.finalize(cal)
+  assert got['per_category'] == {}
+  assert_results_equal(got['scenarios'], results['scenarios'])
+  assert 'per sounding category' not in report.format_table(got)
+  assert not any('per_category' in k for k in evaluator_lib.scalar_metrics(got))
 
 
 def test_uncalibrated_raw_max_reports_no_tn(evaluated):

@@ -179,6 +179,9 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
   gt_mask / gt_boxes come from the SOUNDING instances of each frame, any_mask
   from all of them. Frames beyond `max_instances` sounding boxes keep the
   first ones (masks are always complete; boxes only feed box-based scores).
+  `category` is the category the frame's sounding (in-view) instances share;
+  -1 when none sounds in view, when they differ, when it is unknown (-1 in
+  the record) and on frames without annotation.
   """
   t = len(frame_index)
   mh, mw = mask_shape
@@ -190,6 +193,7 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
       'gt_box_valid': np.zeros((t, max_instances), bool),
       'tags': np.zeros((t, len(schema.SCENARIOS)), bool),
       'cross_event': np.zeros((t,), bool),
+      'category': np.full((t,), -1, np.int32),
   }
   fa, inst = record['frames_annotated'], record['instances']
   ann_of_frame = {int(f): k for k, f in enumerate(fa['frame_index'])}
@@ -205,6 +209,7 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
     out['tags'][i] = np.asarray(fa['tags'][k], bool)
     out['cross_event'][i] = bool(fa['cross_event'][k])
   num_boxes = np.zeros((t,), np.int64)
+  sounding_categories = [set() for _ in range(t)]
   for j, k in enumerate(inst['annotation_index']):
     i = ann_slot.get(int(k), -1)
     if i < 0:
@@ -215,9 +220,13 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
                        f'shape {mask.shape}, expected {(mh, mw)}')
     out['any_mask'][i] |= mask
     if bool(inst['sounding'][j]):
+      sounding_categories[i].add(int(inst['category'][j]))
       out['gt_mask'][i] |= mask
       if num_boxes[i] < max_instances:
         out['gt_boxes'][i, num_boxes[i]] = np.asarray(inst['box'][j])
         out['gt_box_valid'][i, num_boxes[i]] = True
         num_boxes[i] += 1
+  for i, cats in enumerate(sounding_categories):
+    if len(cats) == 1:
+      out['category'][i] = cats.pop()   # stays -1 when that one is unknown
   return out

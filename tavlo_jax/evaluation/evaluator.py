@@ -16,6 +16,11 @@ Pools: `config.evals[name].frames` selects the frames ('single', 'mixed',
 on-screen frames (tagged single/mixed/multi) get the localization scores and
 off-screen frames (tagged offscreen) the negative scores; a frame carrying
 both kinds of tag counts in both.
+
+`results['per_category']` breaks the pointing game down by the category of
+the sounding source (records' `category`: on-screen frames whose sounding
+instances share one known category), so a category the model never learned
+shows up in every report.
 """
 
 from __future__ import annotations
@@ -46,10 +51,12 @@ class Evaluator:
   only on several processes to assemble host-local numpy rows into global
   arrays; batches that are already global jax.Arrays are used as they are,
   and host-local arrays without a mesh are scored per process and gathered.
+  `category_names` (index = category) only labels `results['per_category']`.
   """
 
   def __init__(self, config, *, protocol: str = 'avatar', mesh=None,
-               batch_axes=('data', 'fsdp'), with_oracle: bool = True):
+               batch_axes=('data', 'fsdp'), with_oracle: bool = True,
+               category_names=None):
     if protocol not in PROTOCOLS:
       raise ValueError(f'protocol {protocol!r}: expected one of {PROTOCOLS}')
     ec = config.eval
@@ -81,6 +88,7 @@ class Evaluator:
     self.mesh = mesh
     self.batch_axes = batch_axes
     self.with_oracle = with_oracle
+    self.category_names = None if category_names is None else [str(n) for n in category_names]
     self._chunks: list[dict] = []
     self._grid = None
 
@@ -91,7 +99,8 @@ class Evaluator:
     missing = [k for k in records_lib.BATCH_KEYS if k not in batch]
     if missing:
       raise KeyError(f'eval batch lacks {missing}; has {sorted(batch)}')
-    fields = {k: batch[k] for k in records_lib.BATCH_KEYS}
+    fields = {k: batch[k] for k in records_lib.BATCH_KEYS + records_lib.OPTIONAL_BATCH_KEYS
+              if k in batch}
     b, t = np.shape(fields['ann_valid'])
     if np.ndim(heatmap) != 4 or tuple(np.shape(heatmap)[:2]) != (b, t):
       raise ValueError(f'heatmap must be [B, T, h, w] = [{b}, {t}, h, w] like the '
@@ -269,21 +278,46 @@ def pool_scores(table, select, ev: Evaluator, calibration: dict | None) -> dict:
   return out
 
 
+def category_scores(table, names=None) -> dict[int, dict]:
+  """{category: pointing game} over the on-screen frames of each category >= 0.
+
+  'pointing_game' pools all its on-screen frames, 'single' / 'multi' those
+  tagged so (NaN when there are none); percent, like every score.
+  """
+  on = onscreen_mask(table)
+  out = {}
+  for c in np.unique(table['category'][on & (table['category'] >= 0)]):
+    mine = on & (table['category'] == c)
+    entry = {'num_frames': int(mine.sum()),
+             'pointing_game': 100 * aggregates.mean(table['hit'][mine])}
+    for frames in ('single', 'multi'):
+      entry[frames] = 100 * aggregates.mean(table['hit'][mine & pool_mask(table, frames)])
+    if names is not None and c < len(names):
+      entry['name'] = names[c]
+    out[int(c)] = entry
+  return out
+
+
 def score(table, ev: Evaluator, calibration: dict | None = None) -> dict:
-  """Pooled results per `config.evals` entry plus settings and the sign check."""
+  """Pooled results per `config.evals` entry and per sounding category, plus
+  settings and the sign check."""
   scenarios = {}
   for name, pool in ev.pools.items():
     scores = pool_scores(table, pool_mask(table, pool['frames']), ev, calibration)
     scenarios[name] = {'frames': pool['frames'], 'prefix': pool['prefix'], **scores}
   return {'settings': settings(ev, calibration), 'scenarios': scenarios,
+          'per_category': category_scores(table, ev.category_names),
           'map_sign': map_sign_report(table), 'num_frames': int(len(table['clip_index']))}
 
 
 def scalar_metrics(results: dict) -> dict[str, float]:
-  """{prefix + name: value} of every finite number, for TensorBoard."""
+  """{prefix + name: value} of every finite number, for TensorBoard; plus
+  eval/per_category/<category>/pointing_game."""
   out = {}
   for entry in results['scenarios'].values():
     for k, v in entry.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         out[entry['prefix'] + k] = float(v)
+  for c, entry in results.get('per_category', {}).items():   # each has frames: finite
+    out[f'eval/per_category/{c}/pointing_game'] = float(entry['pointing_game'])
   return out

@@ -26,6 +26,8 @@ from tavlo_jax.evaluation import metrics
 # Eval batch keys the records need (WORKSPACE.md "Batches").
 BATCH_KEYS = ('valid', 'ann_valid', 'gt_mask', 'tags', 'cross_event',
               'clip_index', 'frame_index')
+# Used when present; a batch without `category` gives every frame -1 (unknown).
+OPTIONAL_BATCH_KEYS = ('category',)
 # The absolute map of a cosine map is (cos + 1) / 2 in [0, 1]; SLAVC's
 # absolute rule keeps a >= 0.5, i.e. cos >= 0.
 ABS_THRESHOLD = 0.5
@@ -34,6 +36,7 @@ ABS_THRESHOLD = 0.5
 FIELDS = {
     'clip_index': (np.int32, ''), 'frame_index': (np.int32, ''),
     'tags': (np.bool_, 'S'), 'cross_event': (np.bool_, ''),
+    'category': (np.int32, ''),           # shared by the sounding instances, -1 none
     'gt_pixels': (np.int32, ''),
     'ciou': (np.float32, 'K'),            # fixed threshold on the normalised map
     'pia': (np.float32, 'K'),             # fraction predicted positive, same rule
@@ -102,6 +105,8 @@ def batch_records(heatmap, batch, *, thresholds, interpolation, size, with_oracl
   out['frame_index'] = frame(batch['frame_index'])
   out['tags'] = frame(batch['tags'].astype(bool))
   out['cross_event'] = frame(batch['cross_event'].astype(bool))
+  out['category'] = (frame(batch['category'].astype(jnp.int32)) if 'category' in batch
+                     else jnp.full_like(out['frame_index'], -1, jnp.int32))
   out['keep'] = frame(batch['valid'].astype(bool)[:, None] & batch['ann_valid'].astype(bool))
   return out
 

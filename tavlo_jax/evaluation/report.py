@@ -2,7 +2,7 @@
 
     write(out_dir, results, table, frame_name=None, name='eval')
       -> {out_dir}/{name}.json   every number plus every threshold choice
-         {out_dir}/{name}.md     the per-scenario table (format_table)
+         {out_dir}/{name}.md     the per-scenario and per-category tables (format_table)
          {out_dir}/{name}_frames.csv   one row per scored frame
 
 Only process 0 should call `write` (results are identical on every process).
@@ -71,7 +71,25 @@ def format_table(results: dict) -> str:
   if sign:
     lines.append(f"Map sign: argmax on source {_fmt(sign['max_pointing'])}%, argmin on source "
                  f"{_fmt(sign['min_pointing'])}%" + (' -- INVERTED MAP?' if sign['inverted'] else ''))
+  lines += format_category_table(results.get('per_category', {}))
   return '\n'.join(lines) + '\n'
+
+
+def format_category_table(per_category: dict) -> list[str]:
+  """Lines of the per-category pointing table and its worst row (none if empty)."""
+  if not per_category:
+    return []
+  rows = sorted(per_category.items(), key=lambda kv: int(kv[0]))
+  label = lambda c, r: f"{r['name']} ({c})" if 'name' in r else str(c)
+  lines = ['', 'Pointing game per sounding category (on-screen frames with one sounding '
+           'category)', '', '| category | frames | all | single | multi |', '|---|---|---|---|---|']
+  for c, r in rows:
+    lines.append(f"| {label(c, r)} | {r['num_frames']} | {_fmt(r['pointing_game'])} | "
+                 f"{_fmt(r['single'])} | {_fmt(r['multi'])} |")
+  c, r = min(rows, key=lambda kv: kv[1]['pointing_game'])
+  lines += ['', f"Worst category: {label(c, r)}, pointing {_fmt(r['pointing_game'])}% "
+            f"over {r['num_frames']} frames."]
+  return lines
 
 
 def default_frame_name(clip_index: int, frame_index: int) -> str:

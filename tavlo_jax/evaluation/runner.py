@@ -31,7 +31,8 @@ def predict_split(config, state, predict_fn, data, mesh, split: str,
                   keep_batches: int = 0, desc: str = ''):
   """Scores `split`; returns (evaluator, kept host batches with their maps)."""
   from tavlo_jax import input_data  # pylint: disable=g-import-not-at-top
-  ev = evaluator_lib.Evaluator(config, protocol=config.eval.protocol, mesh=mesh)
+  ev = evaluator_lib.Evaluator(config, protocol=config.eval.protocol, mesh=mesh,
+                               category_names=data.category_names())
   batches = data.eval_batches(split)
   kept = []
   t0 = time.perf_counter()
