@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
   # negatives for its frames. The only term that rewards timing when a batch
   # holds no other clip of the same category; see losses.py. 0 = off (paper).
   c.loss.shifted_audio_negatives = 0
+  # Frames whose audio is less than this many dB above the clip's quietest
+  # frame hold no sound to localise: they are left out of the loss (neither
+  # anchors nor negatives; data/audio.py sounding_frames). 0 = every frame.
+  c.loss.sounding_frames_db = 0.0
 
   # ---- optimisation ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()

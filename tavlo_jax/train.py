@@ -154,6 +154,14 @@ def _audio_shifts(config, batch, rng):
   return dict(audio_shifts=shifts)
 
 
+def _sounding(config, audio):
+  """bool [B, T] frames the loss uses, or None (all): see sounding_frames."""
+  if config.loss.sounding_frames_db <= 0:
+    return None
+  return audio_lib.sounding_frames(audio, config.input.num_frames,
+                                   config.loss.sounding_frames_db)
+
+
 def train_step(state: TrainState, batch, base_rng, *, config, model):
   """One update. Pure: everything random comes from fold_in(rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
@@ -168,7 +176,10 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
     out, updates = model.apply(variables, batch['frames'], audio, train=True,
                                mutable=mutable, rngs={'dropout': rng},
                                **_audio_shifts(config, batch, rng))
-    loss, aux = losses.make_loss(config)(out)
+    mask = _sounding(config, audio)
+    loss, aux = losses.make_loss(config)(out, mask=mask)
+    if mask is not None:
+      aux['sounding_fraction'] = mask.mean()
     return loss, (aux, updates)
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

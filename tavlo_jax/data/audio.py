@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.signal
@@ -185,3 +186,26 @@ def audio_features(batch: Mapping[str, Any], config) -> Any:
     logmel = augment.apply_spec_masks(
         logmel, batch['spec_time_mask'], batch['spec_freq_mask'], xp=jnp)
   return logmel
+
+
+def sounding_frames(logmel, num_frames: int, min_db: float):
+  """bool [B, T]: frames whose audio is at least `min_db` dB above the clip's
+  quietest frame (its noise floor), from the log-mel [B, T*C, M] alone.
+
+  Why: a frame with no sound in it holds nothing to localise, yet the
+  contrastive loss would still ask its noise-only audio token to pick out
+  its own frame among the batch's. Evaluation only scores frames in which
+  something sounds; `config.loss.sounding_frames_db` makes training look at
+  the same frames. Self-supervised: it reads the input audio, no label. On
+  a clip that sounds throughout, the quietest frames are dropped too (less
+  signal, never a wrong one).
+  """
+  b, cols, m = logmel.shape
+  if cols % num_frames:
+    raise ValueError(f'{cols} spectrogram columns do not split into '
+                     f'{num_frames} frames')
+  per_frame = logmel.reshape(b, num_frames, (cols // num_frames) * m)
+  # Frame energy in dB: log of the summed mel power (log-sum-exp of log-mel).
+  energy_db = (10.0 / np.log(10.0)) * jax.nn.logsumexp(per_frame, axis=-1)
+  floor = energy_db.min(axis=1, keepdims=True)
+  return energy_db >= floor + min_db
