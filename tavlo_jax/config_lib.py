@@ -115,8 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Bag pooling over locations. peak = max - mean (a source is a small part of
   # the frame; see tavlo_jax/losses.py). The same for both sides, or it can
   # collapse: max/mean is the paper's summarised form (FINDINGS item 1).
-  c.loss.positives = 'peak'                 # a clip's own frame: peak | max | mean
-  c.loss.negatives = 'peak'                 # other clips: peak | max | mean (collapses)
+  # signed_peak = (max - mean) - (mean - min) also penalises a cold spot
+  # (a category whose audio points away from its object; losses.py).
+  c.loss.positives = 'peak'                 # a clip's own frame: peak | signed_peak | max | mean
+  c.loss.negatives = 'peak'                 # other clips: the same (mean collapses)
   c.loss.symmetric = True                   # both a->v and v->a directions
   # Out-of-sync negatives: K copies of each clip's own audio rolled by a
   # random number of frames (beyond the temporal window), scored as extra

@@ -61,6 +61,27 @@ blind to timing, for K = 1). Off by default: it is not in the paper, and at
 the CPU budget it lowered pointing on every scenario (250 steps; numbers in
 WORKSPACE.md, Model).
 
+Categories that are never learned. At the CPU budget, pointing per category
+is all or nothing: each seed leaves one to three of the 8 synthetic categories
+at 0-10% (about chance or below), the map cold on the category's own object. A
+likely cause is the audio centring itself: centred audio embeddings sum to
+zero over the batch, so if the visual features share an "objectness"
+direction o (objects vs background), the categories' audio cannot ALL point
+along +o; whichever ends up along -o makes maps that are cold on every object,
+its own included. `python -m tavlo_jax.category_probe` measures both numbers
+per category. On the three shipped TAVLO seeds, red (never learned) had the
+most negative audio component on o in every seed (-0.19, -0.14, -0.25; the
+others -0.11..+0.14). In a run with three stuck categories (red, blue, cyan)
+those three were the only ones whose own-object map was below background
+(-0.04, -0.14, -0.26; the others +0.39..+0.49), blue and cyan with the two
+most negative components on o (-0.28, -0.40). It does not explain every
+case: magenta, stuck in one seed, had a positive component there. `peak`
+pooling barely penalises a map that is cold on one object (it scores s/N
+above a flat map) and sends the cold location no gradient towards its own
+audio. `signed_peak` = (max - mean) - (mean - min) scores a cold spot below
+zero and gives the arg-min a gradient up; it is an option, measured in
+WORKSPACE.md, Model (better on one seed, worse on the other).
+
 Collapse detectors in `aux`: `retrieval_accuracy` always scores with max/max
 pooling (is the audio actually matched to its own clip?) and
 `max_margin` = mean(pos max) - mean(neg max); a falling loss with
@@ -75,7 +96,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-POOLINGS = ('max', 'mean', 'peak')
+POOLINGS = ('max', 'mean', 'peak', 'signed_peak')
 
 
 def similarity_bags(visual, audio):
@@ -108,6 +129,14 @@ def _pool(sims, how):
     # for a map with a few hot locations on a cold background. See
     # "Inverted maps" in the module docstring.
     return sims.max(-1) - sims.mean(-1)
+  if how == 'signed_peak':
+    # (max - mean) - (mean - min): a hot spot scores +, a COLD spot scores -.
+    # `peak` barely tells a map that is cold on one object (a category whose
+    # audio points away from its own object) from a flat one, and gives the
+    # cold object no gradient; here the arg-min gets one too. See
+    # "Categories that are never learned" in the module docstring.
+    mean = sims.mean(-1)
+    return (sims.max(-1) - mean) - (mean - sims.min(-1))
   raise ValueError(f'pooling {how!r}; expected one of {POOLINGS} '
                    '(config.loss.positives / config.loss.negatives)')
 

@@ -481,3 +481,13 @@ def test_trained_model_points_at_the_sounding_object(tmp_path):
   print(f'argmax on the sounding mask: {hit_rate:.3f} of {len(hits)} frames; '
         f'chance (mask area): {chance_rate:.3f}')
   assert hit_rate > chance_rate
+
+  # The same run through the category probe's command line: one row per
+  # category of the tiny world, named from the dataset's metadata.
+  r = subprocess.run(
+      [sys.executable, '-m', 'tavlo_jax.category_probe', f'--checkpoint={workdir}',
+       '--batches=4'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  rows = [line for line in r.stdout.splitlines() if line.startswith('| ')][1:]
+  assert rows and all(line.count('|') == 5 for line in rows), r.stdout
+  assert all(line.split('|')[1].strip().endswith(')') for line in rows), r.stdout
