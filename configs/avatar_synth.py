@@ -4,7 +4,8 @@ r"""TAVLO trained self-supervised on AVATAR-Synth, evaluated per scenario.
 
 builds `avatar_synth/small` if absent (~2 min), trains 500 steps (~11 min on a
 2-core CPU) and prints the per-scenario table (pointing game, mean cIoU, AUC,
-adaptive top-k cIoU, Off-screen TN%) and a map-sign line. Seed 0 printed
+adaptive top-k cIoU, Off-screen TN%), a map-sign line and the pointing game
+per sounding category with the worst one named. Seed 0 printed
 pointing single 53.6 / mixed 53.9 / multi 49.7 / cross_event 47.5, TN 46.1,
 "Map sign: argmax on source 52.75%, argmin on source 2.57%" (14 min 21 s in all).
 Variants (text after the colon, `+`-joined):
