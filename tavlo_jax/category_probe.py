@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from tavlo_jax.evaluation import metrics
+
 OBJECT_COVER = 0.4       # a grid cell is "on the source" if this much of it is
 BACKGROUND_COVER = 0.05  # ... "background" if at most this much holds any object
 
@@ -29,8 +31,7 @@ def grid_cover(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   if mh % h or mw % w:
     raise ValueError(f'mask size {(mh, mw)} is not a multiple of the model grid '
                      f'{(h, w)}')
-  m = np.asarray(masks, np.float64).reshape(masks.shape[:-2] + (h, mh // h, w, mw // w))
-  return m.mean(axis=(-3, -1))
+  return np.asarray(metrics.area_average(masks, grid))
 
 
 def summarize(audio, on_object, background, category) -> dict[int, dict]:

@@ -209,24 +209,28 @@ def consensus_map(boxes, valid, size: int = 224, source_size: int = 256):
   return jnp.minimum(count / 2.0, 1.0).astype(jnp.float32)
 
 
-def grid_oracle_map(gt, grid: Sequence[int], interpolation: str = 'bilinear'):
-  """The best map a model with an (h, w) grid can emit: GT area-averaged to the grid.
-
-  jax.image.resize's 'area' method averages the GT pixels covering each cell
-  (exact fractional overlaps), then the map goes back up with the same
-  interpolation the evaluator uses for model maps. Scoring this map gives the
-  oracle ceiling of a grid size (see `oracle_ciou`).
-  """
+def area_average(gt, grid: Sequence[int]):
+  """[..., H, W] -> [..., h, w]: the mean of the pixels covering each grid cell
+  (exact fractional overlaps when the grid does not divide the size)."""
   gt = jnp.asarray(gt, jnp.float32)
   (h, w), (gh, gw) = gt.shape[-2:], tuple(grid)
   if h % gh == 0 and w % gw == 0:
     # Whole cells: block sums of 0/1 (or 0.5-step) weights are exact in any
-    # order, so the oracle does not depend on the batch shape.
+    # order, so the result does not depend on the batch shape.
     blocks = gt.reshape(gt.shape[:-2] + (gh, h // gh, gw, w // gw))
-    pooled = blocks.sum(axis=(-3, -1)) / ((h // gh) * (w // gw))
-  else:
-    pooled = _resize(gt, grid, 'area')
-  return upsample(pooled, gt.shape[-2:], interpolation)
+    return blocks.sum(axis=(-3, -1)) / ((h // gh) * (w // gw))
+  return _resize(gt, grid, 'area')
+
+
+def grid_oracle_map(gt, grid: Sequence[int], interpolation: str = 'bilinear'):
+  """The best map a model with an (h, w) grid can emit: GT area-averaged to the grid.
+
+  `area_average` (jax.image.resize's 'area' rule), then the map goes back up
+  with the same interpolation the evaluator uses for model maps. Scoring this
+  map gives the oracle ceiling of a grid size (see `oracle_ciou`).
+  """
+  gt = jnp.asarray(gt, jnp.float32)
+  return upsample(area_average(gt, grid), gt.shape[-2:], interpolation)
 
 
 # Thresholds tried on the normalised oracle map; 0 and 1 are excluded because
