@@ -166,6 +166,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
   """One update. Pure: everything random comes from fold_in(rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
   audio = _model_audio(config, batch)
+  frames_used = _sounding(config, audio)   # from the input alone, not the params
 
   def loss_fn(params):
     variables = {'params': params}
@@ -176,10 +177,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
     out, updates = model.apply(variables, batch['frames'], audio, train=True,
                                mutable=mutable, rngs={'dropout': rng},
                                **_audio_shifts(config, batch, rng))
-    mask = _sounding(config, audio)
-    loss, aux = losses.make_loss(config)(out, mask=mask)
-    if mask is not None:
-      aux['sounding_fraction'] = mask.mean()
+    loss, aux = losses.make_loss(config)(out, mask=frames_used)
     return loss, (aux, updates)
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -192,6 +190,8 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
   # stops with the step named; in `skip` mode training simply goes on.
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, **aux)
+  if frames_used is not None:
+    metrics['sounding_fraction'] = frames_used.mean()
   return new_state, metrics
 
 
