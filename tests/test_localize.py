@@ -491,3 +491,8 @@ def test_trained_model_points_at_the_sounding_object(tmp_path):
   rows = [line for line in r.stdout.splitlines() if line.startswith('| ')][1:]
   assert rows and all(line.count('|') == 5 for line in rows), r.stdout
   assert all(line.split('|')[1].strip().endswith(')') for line in rows), r.stdout
+  r = subprocess.run(
+      [sys.executable, '-m', 'tavlo_jax.category_probe', f'--checkpoint={tmp_path}/none'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith(f"error: --checkpoint='{tmp_path}/none'")
