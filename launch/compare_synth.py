@@ -28,7 +28,8 @@ _MODELS = flags.DEFINE_list('models', ['tavlo', 'ezvsl'],
 _EXTRA = flags.DEFINE_multi_string('override', [], 'Extra --config.x=y for every run.')
 
 # (key in eval.json's per-scenario entry, column title)
-METRICS = (('pointing_game', 'pointing'), ('ciou', 'mean cIoU@0.1'),
+METRICS = (('pointing_game', 'pointing'), ('sounding_over_silent', 'sounding>silent'),
+           ('ciou', 'mean cIoU@0.1'),
            ('adaptive/mean', 'adaptive mean cIoU'), ('adaptive/success', 'adaptive cIoU>=0.5'),
            ('tn', 'TN%'))
 SCENARIOS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen')

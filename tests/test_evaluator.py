@@ -46,15 +46,20 @@ def make_clips(seed=0, invert=False):
     category = np.full(T, c % 3 if scenario != 3 else -1, np.int32)
     if scenario == 1:
       category[0] = -1
+    silent = np.zeros_like(gt)
     if scenario != 3:
       for t in range(T):
         y, x = rng.integers(0, MASK[0] - 6), rng.integers(0, MASK[1] - 8)
         gt[t, y:y + rng.integers(3, 7), x:x + rng.integers(3, 9)] = 1
+    if scenario in (0, 2):   # a silent instance beside the source on most frames
+      for t in range(T - 1):
+        y, x = rng.integers(0, MASK[0] - 4), rng.integers(0, MASK[1] - 4)
+        silent[t, y:y + 4, x:x + 4] = 1
     # A noisy version of the GT pooled to the grid, in cosine range.
     pooled = gt.reshape(T, GRID[0], MASK[0] // GRID[0], GRID[1], MASK[1] // GRID[1]).mean((2, 4))
     heat = np.tanh(2 * pooled - 0.5 + 0.4 * rng.normal(size=(T,) + GRID)).astype(np.float32)
     clips.append({
-        'gt_mask': gt, 'any_mask': gt, 'tags': tags, 'category': category,
+        'gt_mask': gt, 'any_mask': gt | silent, 'tags': tags, 'category': category,
         'ann_valid': rng.uniform(size=T) < 0.8,
         'cross_event': np.full(T, c % 3 == 0),
         'clip_index': np.int32(c), 'frame_index': np.arange(T, dtype=np.int32) * 2,
@@ -132,10 +137,12 @@ def test_records_match_float64_reference(clips, evaluated):
   for clip in clips:
     for t in np.flatnonzero(clip['ann_valid']):
       i = by_id[(int(clip['clip_index']), int(clip['frame_index'][t]))]
-      want = reference.frame_scores(clip['heat'][t], clip['gt_mask'][t].astype(float), MASK,
-                                    (0.1, 0.15, 0.2))
+      gt = clip['gt_mask'][t].astype(float)
+      want = reference.frame_scores(clip['heat'][t], gt, MASK, (0.1, 0.15, 0.2),
+                                    silent=(clip['any_mask'][t] > 0) & (gt == 0))
       for k, v in want.items():
         np.testing.assert_allclose(np.asarray(table[k][i], float), v, atol=1e-5, err_msg=k)
+  assert np.isfinite(table['silent_margin']).sum() > 10    # the fixture exercises it
 
 
 def test_pooled_scores_match_reference_aggregates(evaluated):
@@ -147,6 +154,11 @@ def test_pooled_scores_match_reference_aggregates(evaluated):
   assert r['ciou'] == pytest.approx(100 * table['ciou'][single, 0].mean())
   assert r['auc'] == pytest.approx(100 * reference.auc(table['ciou'][single, 0]))
   assert r['pointing_game'] == pytest.approx(100 * table['hit'][single].mean())
+  margin = table['silent_margin'][single]
+  assert r['num_silent_frames'] == np.isfinite(margin).sum() > 0
+  assert r['sounding_over_silent'] == pytest.approx(
+      100 * (margin[np.isfinite(margin)] > 0).mean())
+  assert math.isnan(results['scenarios']['mixed']['sounding_over_silent'])   # none silent
   assert math.isnan(r['tn'])                                  # no off-screen frame in it
   total = results['scenarios']['total']
   both = on | off
@@ -336,6 +348,7 @@ def test_report_and_visuals(clips, evaluated, tmp_path):
     assert len(f.read().splitlines()) == 1 + len(table['clip_index'])
   table_md = report.format_table(results)
   assert '| total |' in table_md and 'raw_max<' in table_md
+  assert '| pointing | sounding>silent |' in table_md
   chosen = visualize.select_clips(table, 'mixed', 2)
   assert chosen == [1, 5]
   frames = np.random.default_rng(0).integers(0, 255, (T,) + MASK + (3,), dtype=np.uint8)

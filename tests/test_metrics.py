@@ -51,10 +51,13 @@ def test_flat_map_no_nan():
   flat[1] = 0.0
   gt = np.zeros((N,) + SIZE, np.float32)
   gt[:, 1:3, 2:4] = 1
+  silent = np.zeros_like(gt)
+  silent[:, 5:7, 8:10] = 1
   rec = frame_scores(jnp.asarray(flat), jnp.asarray(gt), thresholds=THRESHOLDS,
-                     interpolation='bilinear')
+                     interpolation='bilinear', silent=jnp.asarray(silent))
   for k, v in rec.items():
     assert np.isfinite(A(v, np.float64)).all(), k
+  np.testing.assert_array_equal(A(rec['silent_margin']), 0.0)   # flat: no preference
   # 0.12 > 0.1 everywhere, > 0.15 nowhere; top50 '>' keeps nothing, '>=' all.
   np.testing.assert_allclose(A(rec['pia'][0]), [1.0, 0.0, 0.0])
   assert float(rec['ciou_top50_gt'][0]) == 0.0
@@ -250,6 +253,24 @@ def test_frame_scores_match_float64_reference(method, grid):
     for k, v in want.items():
       np.testing.assert_allclose(A(got[k][i], np.float64), A(v, np.float64), atol=1e-5,
                                  err_msg=f'{k} frame {i}')
+
+
+def test_sounding_silent_margin_by_hand():
+  """Two identical twins: the map is 0.8 on the silent one, 0.2 on the
+  source, -0.5 elsewhere: the margin is -0.6 (the map prefers the wrong
+  twin); no silent pixel, or no source pixel, gives NaN."""
+  gt, silent = np.zeros((2, 6, 6), bool), np.zeros((2, 6, 6), bool)
+  gt[:, 1:3, 1:3] = True
+  silent[0, 3:5, 3:5] = True
+  s = np.full((2, 6, 6), -0.5, np.float32)
+  s[:, 1:3, 1:3] = 0.2
+  s[:, 3:5, 3:5] = 0.8
+  got = A(metrics.sounding_silent_margin(jnp.asarray(s), jnp.asarray(gt), jnp.asarray(silent)))
+  assert got[0] == pytest.approx(-0.6, abs=1e-5) and np.isnan(got[1])
+  assert np.isnan(A(metrics.sounding_silent_margin(jnp.asarray(s), jnp.zeros((2, 6, 6)),
+                                                   jnp.asarray(silent)))[0])
+  assert got[0] == pytest.approx(reference.sounding_silent_margin(s[0], gt[0], silent[0]),
+                                 abs=1e-5)
 
 
 def test_metrics_are_jittable_on_batches():

@@ -21,6 +21,11 @@ both kinds of tag counts in both.
 the sounding source (records' `category`: on-screen frames whose sounding
 instances share one known category), so a category the model never learned
 shows up in every report.
+
+`sounding_over_silent` (per pool) asks whether the map prefers the source to
+the visible silent instances; on Multi-entity those are identical twins, so it
+measures whether the model uses timing (chance 50%), which the pointing game
+mixes with finding the category at all.
 """
 
 from __future__ import annotations
@@ -203,6 +208,9 @@ def settings(ev: Evaluator, calibration: dict | None) -> dict:
       'absolute_map': '(cos + 1) / 2', 'abs_threshold': records_lib.ABS_THRESHOLD,
       'confidence': 'mean of the top N//4 pixels of |(cos + 1) / 2|',
       'pointing_game': 'first argmax of the upsampled map on a GT pixel',
+      'sounding_over_silent': ('frames with a visible silent instance whose upsampled map '
+                               'has a higher mean on the sounding pixels than on the '
+                               'silent ones'),
       'auc_thresholds': list(aggregates.AUC_THRESHOLDS),
       'success_at': 0.5,
       'oracle': ('GT area-averaged to the model grid, upsampled with the same '
@@ -238,6 +246,12 @@ def pool_scores(table, select, ev: Evaluator, calibration: dict | None) -> dict:
   out.update(ciou=head['mean'], success=head['success'], auc=head['auc'],
              pointing_game=100 * aggregates.mean(table['hit'][on]),
              min_pointing=100 * aggregates.mean(table['min_hit'][on]))
+  # Sounding over silent: frames with a visible silent instance where the map
+  # is higher on the source (on Multi-entity only timing can do it; chance 50%).
+  margin = table['silent_margin'][on]
+  margin = margin[np.isfinite(margin)]
+  out['num_silent_frames'] = int(margin.size)
+  out['sounding_over_silent'] = 100 * aggregates.mean(margin > 0)
   for k, t in enumerate(ev.thresholds):
     for name, v in _binarised_scores(table['ciou'][on, k]).items():
       out[f'fixed@{_key(t)}/{name}'] = v

@@ -311,6 +311,25 @@ def pointing_min_hit(s, gt):
   return pointing_hit(-jnp.asarray(s), gt)
 
 
+def sounding_silent_margin(s, gt, silent):
+  """Mean of the map on the sounding pixels minus its mean on the visible
+  silent ones, in the map's units; NaN where either region is empty.
+
+  s: cosine maps [..., H, W] in [-1, 1]; gt, silent: masks of the same size.
+  On Multi-entity frames the silent pixels are identical twins of the
+  source, so a positive margin can only come from timing (chance: half the
+  frames). Sums are order-free (see `_order_free_sum`) so that the sign does
+  not depend on the batch shape.
+  """
+  a = _flat((jnp.clip(jnp.asarray(s, jnp.float32), -1.0, 1.0) + 1.0) / 2.0)
+  inside, outside = _flat(jnp.asarray(gt) > 0), _flat(jnp.asarray(silent) > 0)
+  one = jnp.ones(a.shape[:-1], jnp.float32)
+  n_in, n_out = inside.sum(-1), outside.sum(-1)
+  mean_in = _order_free_sum(a, inside, one) / jnp.maximum(n_in, 1)
+  mean_out = _order_free_sum(a, outside, one) / jnp.maximum(n_out, 1)
+  return jnp.where((n_in > 0) & (n_out > 0), 2.0 * (mean_in - mean_out), jnp.nan)
+
+
 def _order_free_sum(x, where, scale):
   """sum(x[where]) for 0 <= x <= scale, identical for any batch shape or sharding.
 

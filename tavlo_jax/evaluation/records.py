@@ -26,8 +26,9 @@ from tavlo_jax.evaluation import metrics
 # Eval batch keys the records need (WORKSPACE.md "Batches").
 BATCH_KEYS = ('valid', 'ann_valid', 'gt_mask', 'tags', 'cross_event',
               'clip_index', 'frame_index')
-# Used when present; a batch without `category` gives every frame -1 (unknown).
-OPTIONAL_BATCH_KEYS = ('category',)
+# Used when present; a batch without `category` gives every frame -1 (unknown),
+# one without `any_mask` a NaN `silent_margin`.
+OPTIONAL_BATCH_KEYS = ('category', 'any_mask')
 # The absolute map of a cosine map is (cos + 1) / 2 in [0, 1]; SLAVC's
 # absolute rule keeps a >= 0.5, i.e. cos >= 0.
 ABS_THRESHOLD = 0.5
@@ -44,6 +45,7 @@ FIELDS = {
     'ciou_adaptive': (np.float32, ''),
     'ciou_abs': (np.float32, ''), 'pia_abs': (np.float32, ''),
     'hit': (np.bool_, ''), 'min_hit': (np.bool_, ''),
+    'silent_margin': (np.float32, ''),    # map on source - on visible silent instances
     'raw_max': (np.float32, ''), 'raw_min': (np.float32, ''),
     'confidence': (np.float32, ''),
     'oracle_best': (np.float32, ''), 'oracle_adaptive': (np.float32, ''),
@@ -52,8 +54,9 @@ FIELDS = {
 
 
 def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str,
-                 with_oracle: bool = True) -> dict:
-  """Scores of N frames: heatmap [N, h, w] raw cosine, gt [N, H, W] weights."""
+                 with_oracle: bool = True, silent=None) -> dict:
+  """Scores of N frames: heatmap [N, h, w] raw cosine, gt [N, H, W] weights;
+  silent [N, H, W]: the visible silent instances (None: silent_margin NaN)."""
   size = gt.shape[-2:]
   finite = jnp.isfinite(heatmap).all(axis=(-2, -1))
   heatmap = jnp.where(finite[:, None, None], heatmap, 0.0)   # keep NaN out of sorts
@@ -74,6 +77,8 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
       'pia_abs': metrics.pia(metrics.raw_threshold(a, ABS_THRESHOLD)),
       'hit': metrics.pointing_hit(up, gt),
       'min_hit': metrics.pointing_min_hit(up, gt),
+      'silent_margin': (jnp.full(k.shape, jnp.nan) if silent is None else
+                        metrics.sounding_silent_margin(up, gt, silent)),
       'raw_max': up.max(axis=(-2, -1)),
       'raw_min': up.min(axis=(-2, -1)),
       'confidence': metrics.confidence(a),
@@ -92,14 +97,16 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
 def batch_records(heatmap, batch, *, thresholds, interpolation, size, with_oracle):
   """Eval batch [B, T, ...] + heatmap [B, T, h, w] -> records [B*T, ...] + `keep`."""
   b, t = heatmap.shape[:2]
-  gt = batch['gt_mask']
-  if tuple(gt.shape[-2:]) != tuple(size):
-    # Annotation size differs from the stored masks: nearest keeps them binary.
-    gt = jax.image.resize(gt, gt.shape[:-2] + tuple(size), 'nearest')
-  gt = (gt > 0).astype(jnp.float32).reshape((b * t,) + tuple(size))
-  out = frame_scores(heatmap.astype(jnp.float32).reshape((b * t,) + heatmap.shape[2:]), gt,
-                     thresholds=thresholds, interpolation=interpolation,
-                     with_oracle=with_oracle)
+  def frame_masks(m):
+    if tuple(m.shape[-2:]) != tuple(size):
+      # Annotation size differs from the stored masks: nearest keeps them binary.
+      m = jax.image.resize(m, m.shape[:-2] + tuple(size), 'nearest')
+    return (m > 0).reshape((b * t,) + tuple(size))
+  gt = frame_masks(batch['gt_mask'])
+  silent = (frame_masks(batch['any_mask']) & ~gt) if 'any_mask' in batch else None
+  out = frame_scores(heatmap.astype(jnp.float32).reshape((b * t,) + heatmap.shape[2:]),
+                     gt.astype(jnp.float32), thresholds=thresholds,
+                     interpolation=interpolation, with_oracle=with_oracle, silent=silent)
   frame = lambda x: x.reshape((b * t,) + x.shape[2:])
   out['clip_index'] = frame(jnp.broadcast_to(batch['clip_index'][:, None], (b, t)))
   out['frame_index'] = frame(batch['frame_index'])

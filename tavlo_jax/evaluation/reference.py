@@ -127,6 +127,14 @@ def pointing_hit(s, gt):
   return bool(gt.ravel()[int(np.argmax(s.ravel()))] > 0)
 
 
+def sounding_silent_margin(s, gt, silent):
+  """mean(s on the source) - mean(s on the visible silent instances), or NaN."""
+  s, gt, silent = (np.asarray(x, np.float64) for x in (s, gt, silent))
+  if not (gt > 0).any() or not (silent > 0).any():
+    return math.nan
+  return float(s[gt > 0].mean() - s[silent > 0].mean())
+
+
 def confidence(a):
   v = np.sort(np.abs(np.asarray(a, np.float64)).ravel())[::-1]
   return float(v[:max(1, v.size // 4)].mean())
@@ -145,8 +153,10 @@ def oracle(gt, grid, method='bilinear'):
   return best, ciou(adaptive_topk(p, (gt > 0).sum()), gt)
 
 
-def frame_scores(s, gt, size, thresholds, method='bilinear', abs_threshold=0.5):
-  """Every per-frame record of the evaluator for one raw map s [h, w]."""
+def frame_scores(s, gt, size, thresholds, method='bilinear', abs_threshold=0.5,
+                 silent=None):
+  """Every per-frame record of the evaluator for one raw map s [h, w];
+  `silent` (the visible silent instances' mask) adds 'silent_margin'."""
   up = resize(s, size, method)
   p = normalize(up)
   a = (up + 1) / 2   # the "absolute" map of cosine scores
@@ -164,6 +174,8 @@ def frame_scores(s, gt, size, thresholds, method='bilinear', abs_threshold=0.5):
       'confidence': confidence(a),
   }
   out['oracle_best'], out['oracle_adaptive'] = oracle(gt, np.shape(s), method)
+  if silent is not None:
+    out['silent_margin'] = sounding_silent_margin(up, gt, silent)
   return out
 
 

@@ -48,11 +48,12 @@ def format_table(results: dict) -> str:
   t = f"{s['heatmap_threshold']:g}"
   head = (f'mean cIoU@{t}', f'AUC@{t}', f'cIoU@{t}>=0.5') if s['protocol'] == 'avatar' else (
       'mean cIoU top50', 'AUC top50', 'cIoU top50>=0.5')
-  cols = ['scenario', 'on/off frames', 'pointing', *head, 'adaptive mean', 'adaptive >=0.5',
-          'oracle', 'TN%', 'AP', 'max-F1']
+  cols = ['scenario', 'on/off frames', 'pointing', 'sounding>silent', *head, 'adaptive mean',
+          'adaptive >=0.5', 'oracle', 'TN%', 'AP', 'max-F1']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, r in results['scenarios'].items():
     row = [name, f"{r['num_onscreen']}/{r['num_offscreen']}", _fmt(r['pointing_game']),
+           _fmt(r.get('sounding_over_silent')),
            _fmt(r['ciou']), _fmt(r['auc']), _fmt(r['success']),
            _fmt(r['adaptive/mean']), _fmt(r['adaptive/success']), _fmt(r['oracle/best']),
            _fmt(r['tn']), _fmt(r['ap']), _fmt(r['max_f1'])]
@@ -66,7 +67,9 @@ def format_table(results: dict) -> str:
       f"model grid={s['model_grid']}; annotation size={s['annotation_size']}.",
       f'TN% rule: {rule}. Oracle: best cIoU of the GT average-pooled to the model grid. '
       'AP/max-F1: SLAVC definitions over on-screen (positive) and off-screen frames. '
-      'All numbers in percent.',
+      'sounding>silent: frames with a visible silent instance where the map is higher on '
+      'the source than on the silent ones (Multi-entity: identical twins, chance 50%, only '
+      'timing helps). All numbers in percent.',
   ]
   if sign:
     lines.append(f"Map sign: argmax on source {_fmt(sign['max_pointing'])}%, argmin on source "
