@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.temperature = 0.07                # cosine similarity / temperature
   c.model.center_audio = True               # subtract the mean audio embedding (sign
   #                                           safeguard, see models/tavlo.py AudioCentering)
+  c.model.motion_features = False           # visual features + their frame-to-frame
+  #                                           change, per location (models/tavlo.py with_motion)
   c.model.visual = ml_collections.ConfigDict()
   c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
   c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)

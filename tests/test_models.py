@@ -19,6 +19,7 @@ from tavlo_jax.models import attention
 from tavlo_jax.models import convert_torch
 from tavlo_jax.models.audio_encoder import AudioEncoder
 from tavlo_jax.models.resnet import ResNet
+from tavlo_jax.models import tavlo as tavlo_lib
 from tavlo_jax.models.tavlo import AudioCentering
 
 VARIANTS = ('', 'runlocal', 'ezvsl', 'no_temporal', 'global_audio', 'mean_neg')
@@ -54,7 +55,7 @@ def _param_structure(config):
   or the leak guard), so tests can share one initialisation."""
   m = config.model
   return (m.name, m.num_layers, m.temporal_attention, m.visual.norm,
-          m.audio.norm, m.center_audio, config.input.num_frames)
+          m.audio.norm, m.center_audio, m.motion_features, config.input.num_frames)
 
 
 _VARIABLES = {}
@@ -173,6 +174,24 @@ def test_temporal_attention_mixes_frames_baseline_does_not(name):
     assert (change[1:] > 1e-5).all(), change
   else:
     np.testing.assert_array_equal(change[1:], 0.0)
+
+
+def test_motion_features_are_the_change_since_the_previous_frame():
+  """with_motion against numpy; in the model (no temporal attention), a
+  change to frame t reaches the visual tokens of t and t + 1 only."""
+  f = np.random.default_rng(1).normal(size=(2, 5, 3, 3, 4)).astype(np.float32)
+  prev = np.concatenate([f[:, :1], f[:, :-1]], axis=1)
+  np.testing.assert_allclose(
+      np.asarray(tavlo_lib.with_motion(jnp.asarray(f))),
+      np.concatenate([f, f - prev, np.abs(f - prev)], axis=-1), atol=1e-6)
+  c = tiny_config(motion_features=True, temporal_attention=False)
+  frames, audio = inputs(c)
+  variables, apply = init_and_apply(c, frames, audio)
+  assert variables['params']['visual_proj']['kernel'].shape[0] == 3 * c.model.visual.width * 2
+  change = _frames_changed(apply(variables, frames, audio),
+                           apply(variables, _perturb_frame(frames, 2), audio))
+  assert (change[2:4] > 1e-3).all(), change
+  np.testing.assert_array_equal(change[[0, 1, 4, 5]], 0.0)
 
 
 @pytest.mark.parametrize('impl,layers', [('xla', 1), ('blockwise', 2)])
@@ -444,7 +463,8 @@ def test_upsample_heatmap():
 
 @pytest.mark.slow
 def test_logical_names_and_sharded_apply_matches_unsharded():
-  c = tiny_config()
+  # Motion features on: their frame-to-frame difference crosses the `seq` shards.
+  c = tiny_config(motion_features=True)
   frames, audio = inputs(c, batch=4)
   model = build_model(c)
   specs = nn.get_partition_spec(jax.eval_shape(
@@ -470,7 +490,7 @@ def test_logical_names_and_sharded_apply_matches_unsharded():
     out = jax.jit(functools.partial(model.apply, train=False))(
         variables, frames, audio)
     # The same weights with the temporal step sequence-parallel over 'seq'.
-    ring = build_model(tiny_config(attention_impl='ring'))
+    ring = build_model(tiny_config(attention_impl='ring', motion_features=True))
     out_ring = jax.jit(functools.partial(ring.apply, train=False))(
         variables, frames, audio)
   np.testing.assert_allclose(out['heatmap'], expected['heatmap'], atol=1e-5)

@@ -82,7 +82,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       cross_modal_attention=m.cross_modal_attention,
       attention_impl=m.attention_impl, attention_block=m.attention_block,
       dtype=dtype, spatial_attention=m.spatial_attention,
-      center_audio=m.center_audio)
+      center_audio=m.center_audio, motion_features=m.motion_features)
 
 
 __all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

@@ -164,6 +164,7 @@ class TAVLO(nn.Module):
   dtype: jnp.dtype = jnp.float32
   spatial_attention: bool = True
   center_audio: bool = True
+  motion_features: bool = False
 
   def _codes(self, name, length, dim, sinusoid):
     """A learned [length, dim] table, or the fixed `sinusoid()` table."""
@@ -188,6 +189,8 @@ class TAVLO(nn.Module):
     x = normalize_frames(frames, self.dtype)
     feats = self.visual_encoder(x, train)                     # [B,T,h,w,C]
     h, w = feats.shape[2:4]
+    if self.motion_features:
+      feats = with_motion(feats)                              # [B,T,h,w,3C]
     visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
                     self.dtype)(feats).reshape(b, t, h * w, self.embed_dim)
     spatial = self._codes('spatial_pos', h * w, self.embed_dim,
@@ -256,6 +259,22 @@ class TAVLO(nn.Module):
       shifted.append(l2_normalize(y))
     outputs['shifted_audio'] = jnp.stack(shifted)
     return outputs
+
+
+def with_motion(feats):
+  """[B, T, h, w, C] -> [B, T, h, w, 3C]: each frame's features, their change
+  since the previous frame d_t = f_t - f_{t-1} (0 at t = 0) and |d_t|.
+
+  Why: an instance acts (hops, squashes, flashes, pulses) while it sounds,
+  so on Multi-entity only the CHANGE tells the sounding twin from its
+  identical silent ones. Temporal attention can in principle learn a
+  difference, but at the CPU budget it did not: the default model preferred
+  the sounding twin on 62-70% of two-twin frames (chance 50%; WORKSPACE.md,
+  Model). Here the difference is an input of the projection, per location.
+  """
+  prev = jnp.concatenate([feats[:, :1], feats[:, :-1]], axis=1)
+  delta = feats - prev
+  return jnp.concatenate([feats, delta, jnp.abs(delta)], axis=-1)
 
 
 class EZVSL(nn.Module):
