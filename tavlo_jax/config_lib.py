@@ -180,7 +180,9 @@ def make_image_level(c: ml_collections.ConfigDict) -> None:
   c.model.name = 'ezvsl'
   c.model.temporal_attention = False
   c.model.per_frame_audio = False
+  c.model.motion_features = False     # it would see two frames
   c.loss.name = 'ezvsl'
+  c.loss.shifted_audio_negatives = 0  # one audio embedding per clip
 
 
 def make_runlocal(c: ml_collections.ConfigDict) -> None:

@@ -36,6 +36,9 @@ def tiny_config(variant='runlocal', **model):
   c.model.visual.stem = 'small'                    # 3x3/1 stem: the stride comes from the stages
   c.model.visual.stage_sizes, c.model.visual.stage_strides = (1, 1), (2, 2)
   c.model.visual.output_stride = 4                      # 16 px -> 4x4 grid
+  # The paper's model: the synthetic default's motion features would widen
+  # what a frame reaches by one frame (tested on their own below).
+  c.model.motion_features, c.loss.shifted_audio_negatives = False, 0
   for k, v in model.items():
     c.model[k] = v
   return c
@@ -322,6 +325,12 @@ def test_shifted_audio_needs_per_frame_audio_that_never_sees_frames():
   c = tiny_config('ezvsl')
   c.loss.shifted_audio_negatives = 1
   with pytest.raises(ValueError, match='shifted_audio_negatives'):
+    build_model(c)
+
+
+def test_image_level_baseline_refuses_motion_features():
+  c = tiny_config('ezvsl', motion_features=True)
+  with pytest.raises(ValueError, match='motion_features'):
     build_model(c)
 
 

@@ -48,6 +48,9 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'embed_dim + temporal_pos_dim = {m.embed_dim + m.temporal_pos_dim} '
         f'must be divisible by config.model.num_heads={m.num_heads}')
+  if m.name == 'ezvsl' and m.get('motion_features', False):
+    raise ValueError('config.model.motion_features=True: the image-level '
+                     'EZ-VSL model sees each frame alone; set it to False')
   if config.loss.get('shifted_audio_negatives', 0) and (
       m.name != 'tavlo' or not m.per_frame_audio or m.cross_modal_attention):
     raise ValueError(
