@@ -71,7 +71,8 @@ zero over the batch, so if the visual features share an "objectness"
 direction o (objects vs background), the categories' audio cannot ALL point
 along +o; whichever ends up along -o makes maps that are cold on every object,
 its own included. `python -m tavlo_jax.category_probe` measures both numbers
-per category. On the three shipped TAVLO seeds, red (never learned) had the
+per category. On the three TAVLO seeds of the earlier
+default (workdirs/compare_v1), red (never learned) had the
 most negative audio component on o in every seed (-0.19, -0.14, -0.25; the
 others -0.11..+0.14). In a run with three stuck categories (red, blue, cyan)
 those three were the only ones whose own-object map was below background
