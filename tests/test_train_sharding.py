@@ -17,6 +17,9 @@ def _config(**mesh):
   # float summation-order noise into visible parameter differences.
   config.optimizer.name = 'sgd'
   config.optimizer.learning_rate = 0.1
+  # Off here (the synthetic default has it on) so that the test below can
+  # check that turning it on changes the loss; motion features stay on.
+  config.loss.shifted_audio_negatives = 0
   for k, v in mesh.items():
     config.mesh[k] = v
   return config
