@@ -268,9 +268,10 @@ def with_motion(feats):
   Why: an instance acts (hops, squashes, flashes, pulses) while it sounds,
   so on Multi-entity only the CHANGE tells the sounding twin from its
   identical silent ones. Temporal attention can in principle learn a
-  difference, but at the CPU budget it did not: the default model preferred
-  the sounding twin on 62-70% of two-twin frames (chance 50%; WORKSPACE.md,
-  Model). Here the difference is an input of the projection, per location.
+  difference, but at the CPU budget it did not: the model without these
+  features preferred the sounding twin on 62-70% of two-twin frames (chance
+  50%; WORKSPACE.md, Model). Here the difference is an input of the
+  projection, per location.
   """
   prev = jnp.concatenate([feats[:, :1], feats[:, :-1]], axis=1)
   delta = feats - prev
