@@ -26,9 +26,12 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
 _MODELS = flags.DEFINE_list('models', ['tavlo', 'ezvsl'],
                             'Config variants (tavlo = the default).')
 _EXTRA = flags.DEFINE_multi_string('override', [], 'Extra --config.x=y for every run.')
+_TRAIN = flags.DEFINE_bool('train', True, 'Train the runs that are missing; with '
+                           '--notrain the table uses the finished runs only.')
 
 # (key in eval.json's per-scenario entry, column title)
-METRICS = (('pointing_game', 'pointing'), ('sounding_over_silent', 'sounding>silent'),
+METRICS = (('pointing_game', 'pointing'), ('pointing_1cell', 'pointing ±1 cell'),
+           ('sounding_over_silent', 'sounding>silent'),
            ('ciou', 'mean cIoU@0.1'),
            ('adaptive/mean', 'adaptive mean cIoU'), ('adaptive/success', 'adaptive cIoU>=0.5'),
            ('tn', 'TN%'))
@@ -121,14 +124,21 @@ def _figure(summary: dict, path: str) -> None:
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
-  all_results = {}
+  all_results, seeds = {}, {}
   for model in _MODELS.value:
     for seed in _SEEDS.value:
       if _final_eval(_run_dir(model, seed)) is None:
+        if not _TRAIN.value:
+          print(f'{model} seed {seed}: no finished run in {_run_dir(model, seed)}; left out')
+          continue
         _train(model, seed)
       all_results.setdefault(model, []).append(_final_eval(_run_dir(model, seed)))
+      seeds.setdefault(model, []).append(seed)
+  if not all_results:
+    raise app.UsageError(f'no finished run under {_OUT.value} and --notrain')
   text, summary = _table(all_results)
-  header = (f'AVATAR-Synth test split, seeds {",".join(_SEEDS.value)} '
+  used = '; '.join(f'{m} {",".join(s)}' for m, s in seeds.items())
+  header = (f'AVATAR-Synth test split, seeds {used} '
             f'(mean +- std over seeds), all numbers in percent\n\n')
   with open(os.path.join(_OUT.value, 'comparison.md'), 'w') as f:
     f.write(header + text)

@@ -230,10 +230,18 @@ def test_category_scores_match_a_hand_count():
                              for t, _, _ in frames]),
            'category': np.array([c for _, c, _ in frames], np.int32),
            'hit': np.array([h for _, _, h in frames], bool)}
+  # One-cell hits: every hit, plus the second frame (a near miss).
+  table['hit_1cell'] = table['hit'].copy()
+  table['hit_1cell'][1] = True
+  nan = math.nan
+  table['point_dy'] = np.array([0.0, 1.0, nan, 0.5, 2.0, 0.0, 0, 0, 0, 0, 0], np.float32)
+  table['point_dx'] = np.array([0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0, 0, 0, 0, 0], np.float32)
   got = evaluator_lib.category_scores(table, names=['red circle', 'yellow square'])
   assert list(got) == [0, 1, 4]
   assert got[0] == {'num_frames': 4, 'pointing_game': 75.0, 'single': 50.0,
-                    'multi': 100.0, 'name': 'red circle'}
+                    'multi': 100.0, 'name': 'red circle', 'pointing_1cell': 100.0,
+                    'offset_dy': 0.5, 'offset_dx': -0.25}
+  assert got[1]['pointing_1cell'] == 50.0 and got[1]['offset_dy'] == 1.0
   assert got[1]['num_frames'] == 2 and got[1]['pointing_game'] == 50.0
   assert got[1]['single'] == 0.0 and math.isnan(got[1]['multi'])
   assert got[1]['name'] == 'yellow square'
@@ -244,8 +252,9 @@ def test_category_scores_match_a_hand_count():
 def test_per_category_pointing_in_results_and_reports(clips, evaluated, tmp_path):
   _, table, _, results = evaluated
   # Plain numpy over the clips themselves (not the records' category column).
-  hit = {(int(c), int(f)): bool(h) for c, f, h in zip(table['clip_index'], table['frame_index'],
-                                                      table['hit'])}
+  key = lambda i: (int(table['clip_index'][i]), int(table['frame_index'][i]))
+  row = {key(i): i for i in range(len(table['clip_index']))}
+  hit = {k: bool(table['hit'][i]) for k, i in row.items()}
   want = {}
   for clip in clips:
     for t in np.flatnonzero(clip['ann_valid']):
@@ -263,6 +272,16 @@ def test_per_category_pointing_in_results_and_reports(clips, evaluated, tmp_path
     assert got['pointing_game'] == pytest.approx(100 * h.mean())
     for col, name in ((0, 'single'), (2, 'multi')):
       assert got[name] == pytest.approx(100 * h[tags[:, col]].mean())
+  # The one-cell pointing rate and the mean offset come from the records' own
+  # fields (checked against the float64 reference in the test above).
+  for cat in want:
+    rows = [i for i in row.values() if table['category'][i] == cat
+            and evaluator_lib.onscreen_mask(table)[i]]
+    assert per_category[cat]['pointing_1cell'] == pytest.approx(
+        100 * table['hit_1cell'][rows].mean())
+    assert per_category[cat]['offset_dy'] == pytest.approx(np.nanmean(table['point_dy'][rows]))
+    assert per_category[cat]['offset_dx'] == pytest.approx(np.nanmean(table['point_dx'][rows]))
+  assert (per_category[0]['pointing_1cell'] >= per_category[0]['pointing_game'])
   scalars = evaluator_lib.scalar_metrics(results)
   assert scalars['eval/per_category/2/pointing_game'] == per_category[2]['pointing_game']
   text = report.format_table(results)
@@ -348,7 +367,9 @@ def test_report_and_visuals(clips, evaluated, tmp_path):
     assert len(f.read().splitlines()) == 1 + len(table['clip_index'])
   table_md = report.format_table(results)
   assert '| total |' in table_md and 'raw_max<' in table_md
-  assert '| pointing | sounding>silent |' in table_md
+  assert '| pointing | pointing ±1 cell | sounding>silent |' in table_md
+  assert results['scenarios']['total']['pointing_1cell'] == pytest.approx(
+      100 * table['hit_1cell'][evaluator_lib.onscreen_mask(table)].mean())
   chosen = visualize.select_clips(table, 'mixed', 2)
   assert chosen == [1, 5]
   frames = np.random.default_rng(0).integers(0, 255, (T,) + MASK + (3,), dtype=np.uint8)

@@ -85,6 +85,28 @@ def test_pointing_game_first_argmax():
   assert bool(metrics.pointing_min_hit(s, A([[1, 0], [0, 0]])))
 
 
+def test_pointing_offset_in_model_cells():
+  # 8x8 pixels from a 2x2 model grid: a cell is 4x4 pixels.
+  gt = np.zeros((8, 8)); gt[0:2, 0:2] = 1                    # centroid (0.5, 0.5)
+  s = np.zeros((8, 8)); s[5, 2] = 1.0                        # argmax (5, 2)
+  dy, dx, near = (np.asarray(v) for v in metrics.pointing_offset(A(s), A(gt), (2, 2)))
+  assert float(dy) == pytest.approx(4.5 / 4) and float(dx) == pytest.approx(1.5 / 4)
+  assert bool(near)                         # GT row 1 is 4 rows (one cell) above row 5
+  s2 = np.zeros((8, 8)); s2[6, 2] = 1.0                      # 5 rows below the GT
+  assert not bool(metrics.pointing_offset(A(s2), A(gt), (2, 2))[2])
+  # Empty GT: NaN offsets, never near.
+  dy, dx, near = metrics.pointing_offset(A(s), A(np.zeros((8, 8))), (2, 2))
+  assert np.isnan(float(dy)) and np.isnan(float(dx)) and not bool(near)
+  # A batch agrees with the float64 reference frame by frame.
+  rng = np.random.default_rng(0)
+  maps, gts = rng.normal(size=(6, 12, 16)), rng.random((6, 12, 16)) > 0.9
+  got = [np.asarray(v) for v in metrics.pointing_offset(A(maps), A(gts), (3, 4))]
+  for i in range(6):
+    want = reference.pointing_offset(maps[i], gts[i], (3, 4))
+    np.testing.assert_allclose([got[0][i], got[1][i]], want[:2], rtol=1e-5)
+    assert bool(got[2][i]) == want[2]
+
+
 def test_confidence_and_pia():
   a = np.arange(16, dtype=np.float32).reshape(4, 4)   # top quarter: 12..15
   assert float(metrics.confidence(a)) == pytest.approx(13.5)

@@ -245,6 +245,9 @@ def pool_scores(table, select, ev: Evaluator, calibration: dict | None) -> dict:
   head = _binarised_scores(head_ciou[on])
   out.update(ciou=head['mean'], success=head['success'], auc=head['auc'],
              pointing_game=100 * aggregates.mean(table['hit'][on]),
+             # The argmax within one model cell of the source: a miss counted
+             # here is a peak NEXT to the right object, not on a wrong one.
+             pointing_1cell=100 * aggregates.mean(table['hit_1cell'][on]),
              min_pointing=100 * aggregates.mean(table['min_hit'][on]))
   # Sounding over silent: frames with a visible silent instance where the map
   # is higher on the source (on Multi-entity only timing can do it; chance 50%).
@@ -296,14 +299,22 @@ def category_scores(table, names=None) -> dict[int, dict]:
   """{category: pointing game} over the on-screen frames of each category >= 0.
 
   'pointing_game' pools all its on-screen frames, 'single' / 'multi' those
-  tagged so (NaN when there are none); percent, like every score.
+  tagged so (NaN when there are none); percent, like every score, except
+  'offset_dy' / 'offset_dx': the mean argmax-minus-source offset in cells.
   """
   on = onscreen_mask(table)
   out = {}
   for c in np.unique(table['category'][on & (table['category'] >= 0)]):
     mine = on & (table['category'] == c)
     entry = {'num_frames': int(mine.sum()),
-             'pointing_game': 100 * aggregates.mean(table['hit'][mine])}
+             'pointing_game': 100 * aggregates.mean(table['hit'][mine]),
+             'pointing_1cell': 100 * aggregates.mean(table['hit_1cell'][mine])}
+    # Mean argmax offset from the source's centroid, in model cells: a
+    # category whose peak sits at a fixed side of its object shows here.
+    for axis in ('dy', 'dx'):
+      v = table[f'point_{axis}'][mine]
+      v = v[np.isfinite(v)]
+      entry[f'offset_{axis}'] = float(v.mean()) if v.size else math.nan
     for frames in ('single', 'multi'):
       entry[frames] = 100 * aggregates.mean(table['hit'][mine & pool_mask(table, frames)])
     if names is not None and c < len(names):

@@ -306,6 +306,35 @@ def pointing_hit(s, gt):
   return jnp.take_along_axis(_flat(gt), idx[..., None], axis=-1)[..., 0] > 0
 
 
+def pointing_offset(s, gt, grid):
+  """Where the (first) argmax lies relative to the source, in model cells.
+
+  s, gt: [..., H, W]; grid: the model's (h, w) map size, so a cell is H/h by
+  W/w pixels. Returns (dy, dx, near): the argmax pixel minus the centroid of
+  the GT pixels (NaN where the GT is empty), and whether a GT pixel lies
+  within one cell of the argmax along both axes (a pointing hit with a
+  one-cell tolerance). A model whose peak sits next to the object misses the
+  pointing game but is `near`; a per-category mean (dy, dx) far from 0 is a
+  learned offset rather than a wrong object.
+  """
+  h_px, w_px = s.shape[-2:]
+  cell_y, cell_x = h_px / grid[0], w_px / grid[1]
+  idx = jnp.argmax(_flat(s), axis=-1)
+  y, x = (idx // w_px).astype(jnp.float32), (idx % w_px).astype(jnp.float32)
+  on = jnp.asarray(gt) > 0
+  yy = jnp.arange(h_px, dtype=jnp.float32)[:, None]
+  xx = jnp.arange(w_px, dtype=jnp.float32)[None, :]
+  n = on.sum(axis=(-2, -1)).astype(jnp.float32)
+  safe_n = jnp.maximum(n, 1.0)
+  cy = jnp.where(on, yy, 0.0).sum(axis=(-2, -1)) / safe_n
+  cx = jnp.where(on, xx, 0.0).sum(axis=(-2, -1)) / safe_n
+  dy = jnp.where(n > 0, (y - cy) / cell_y, jnp.nan)
+  dx = jnp.where(n > 0, (x - cx) / cell_x, jnp.nan)
+  close = ((jnp.abs(yy - y[..., None, None]) <= cell_y)
+           & (jnp.abs(xx - x[..., None, None]) <= cell_x))
+  return dy, dx, (on & close).any(axis=(-2, -1))
+
+
 def pointing_min_hit(s, gt):
   """The (first) argmin lies on the source: the symptom of an inverted map."""
   return pointing_hit(-jnp.asarray(s), gt)

@@ -45,6 +45,8 @@ FIELDS = {
     'ciou_adaptive': (np.float32, ''),
     'ciou_abs': (np.float32, ''), 'pia_abs': (np.float32, ''),
     'hit': (np.bool_, ''), 'min_hit': (np.bool_, ''),
+    'hit_1cell': (np.bool_, ''),          # a GT pixel within one model cell of the argmax
+    'point_dy': (np.float32, ''), 'point_dx': (np.float32, ''),   # argmax - GT centroid, cells
     'silent_margin': (np.float32, ''),    # map on source - on visible silent instances
     'raw_max': (np.float32, ''), 'raw_min': (np.float32, ''),
     'confidence': (np.float32, ''),
@@ -64,6 +66,7 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
   p = metrics.normalize(up)
   a = (up + 1.0) / 2.0
   k = metrics.gt_pixels(gt)
+  point_dy, point_dx, hit_1cell = metrics.pointing_offset(up, gt, heatmap.shape[-2:])
   # avatar_fixed (p > t) at every threshold, one pass per threshold.
   ciou_fixed, pia_fixed = metrics.scores_above_thresholds(p, gt, thresholds)
   out = {
@@ -77,6 +80,7 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
       'pia_abs': metrics.pia(metrics.raw_threshold(a, ABS_THRESHOLD)),
       'hit': metrics.pointing_hit(up, gt),
       'min_hit': metrics.pointing_min_hit(up, gt),
+      'hit_1cell': hit_1cell, 'point_dy': point_dy, 'point_dx': point_dx,
       'silent_margin': (jnp.full(k.shape, jnp.nan) if silent is None else
                         metrics.sounding_silent_margin(up, gt, silent)),
       'raw_max': up.max(axis=(-2, -1)),

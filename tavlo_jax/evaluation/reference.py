@@ -127,6 +127,19 @@ def pointing_hit(s, gt):
   return bool(gt.ravel()[int(np.argmax(s.ravel()))] > 0)
 
 
+def pointing_offset(s, gt, grid):
+  """(dy, dx, near) in model cells: argmax minus GT centroid; GT within a cell."""
+  s, gt = np.asarray(s, np.float64), np.asarray(gt) > 0
+  h, w = s.shape
+  y, x = divmod(int(np.argmax(s.ravel())), w)
+  cell_y, cell_x = h / grid[0], w / grid[1]
+  if not gt.any():
+    return math.nan, math.nan, False
+  ys, xs = np.nonzero(gt)
+  near = bool(((np.abs(ys - y) <= cell_y) & (np.abs(xs - x) <= cell_x)).any())
+  return (y - ys.mean()) / cell_y, (x - xs.mean()) / cell_x, near
+
+
 def sounding_silent_margin(s, gt, silent):
   """mean(s on the source) - mean(s on the visible silent instances), or NaN."""
   s, gt, silent = (np.asarray(x, np.float64) for x in (s, gt, silent))
@@ -174,6 +187,7 @@ def frame_scores(s, gt, size, thresholds, method='bilinear', abs_threshold=0.5,
       'confidence': confidence(a),
   }
   out['oracle_best'], out['oracle_adaptive'] = oracle(gt, np.shape(s), method)
+  out['point_dy'], out['point_dx'], out['hit_1cell'] = pointing_offset(up, gt, np.shape(s))
   if silent is not None:
     out['silent_margin'] = sounding_silent_margin(up, gt, silent)
   return out

@@ -48,12 +48,13 @@ def format_table(results: dict) -> str:
   t = f"{s['heatmap_threshold']:g}"
   head = (f'mean cIoU@{t}', f'AUC@{t}', f'cIoU@{t}>=0.5') if s['protocol'] == 'avatar' else (
       'mean cIoU top50', 'AUC top50', 'cIoU top50>=0.5')
-  cols = ['scenario', 'on/off frames', 'pointing', 'sounding>silent', *head, 'adaptive mean',
+  cols = ['scenario', 'on/off frames', 'pointing', 'pointing ±1 cell', 'sounding>silent', *head,
+          'adaptive mean',
           'adaptive >=0.5', 'oracle', 'TN%', 'AP', 'max-F1']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, r in results['scenarios'].items():
     row = [name, f"{r['num_onscreen']}/{r['num_offscreen']}", _fmt(r['pointing_game']),
-           _fmt(r.get('sounding_over_silent')),
+           _fmt(r.get('pointing_1cell')), _fmt(r.get('sounding_over_silent')),
            _fmt(r['ciou']), _fmt(r['auc']), _fmt(r['success']),
            _fmt(r['adaptive/mean']), _fmt(r['adaptive/success']), _fmt(r['oracle/best']),
            _fmt(r['tn']), _fmt(r['ap']), _fmt(r['max_f1'])]
@@ -69,7 +70,8 @@ def format_table(results: dict) -> str:
       'AP/max-F1: SLAVC definitions over on-screen (positive) and off-screen frames. '
       'sounding>silent: frames with a visible silent instance where the map is higher on '
       'the source than on the silent ones (Multi-entity: identical twins, chance 50%, only '
-      'timing helps). All numbers in percent.',
+      'timing helps). pointing ±1 cell: the argmax within one model cell of a source '
+      'pixel. All numbers in percent.',
   ]
   if sign:
     lines.append(f"Map sign: argmax on source {_fmt(sign['max_pointing'])}%, argmin on source "
@@ -85,10 +87,15 @@ def format_category_table(per_category: dict) -> list[str]:
   rows = sorted(per_category.items(), key=lambda kv: int(kv[0]))
   label = lambda c, r: f"{r['name']} ({c})" if 'name' in r else str(c)
   lines = ['', 'Pointing game per sounding category (on-screen frames with one sounding '
-           'category)', '', '| category | frames | all | single | multi |', '|---|---|---|---|---|']
+           'category; offset: mean argmax minus source centroid, in model cells)', '',
+           '| category | frames | all | single | multi | ±1 cell | offset (dy, dx) |',
+           '|---|---|---|---|---|---|---|']
   for c, r in rows:
+    offset = (f"{_fmt(r.get('offset_dy'), 2)}, {_fmt(r.get('offset_dx'), 2)}"
+              if 'offset_dy' in r else '-')
     lines.append(f"| {label(c, r)} | {r['num_frames']} | {_fmt(r['pointing_game'])} | "
-                 f"{_fmt(r['single'])} | {_fmt(r['multi'])} |")
+                 f"{_fmt(r['single'])} | {_fmt(r['multi'])} | "
+                 f"{_fmt(r.get('pointing_1cell'))} | {offset} |")
   c, r = min(rows, key=lambda kv: kv[1]['pointing_game'])
   lines += ['', f"Worst category: {label(c, r)}, pointing {_fmt(r['pointing_game'])}% "
             f"over {r['num_frames']} frames."]
