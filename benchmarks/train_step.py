@@ -47,6 +47,7 @@ if int(_FAKE) > 0:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={_FAKE}')
 
+import ast  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
@@ -92,6 +93,8 @@ flags.DEFINE_integer('fake_devices', 8, 'fake CPU devices (0: none; read '
                      'before jax is imported)')
 flags.DEFINE_string('json_out', '/tmp/tavlo_bench/train_step.json',
                     'results as JSON ("" = do not write)')
+flags.DEFINE_multi_string('set', [], 'a config override for every row, '
+                          'e.g. --set=model.fine_stride=4 (repeatable)')
 flags.DEFINE_string('profile_dir', '', 'also write a jax.profiler trace of '
                     'a few steps per row here (TensorBoard/Perfetto)')
 
@@ -145,6 +148,17 @@ def make_config(name: str, dtype: str):
   config.model.dtype = dtype
   config.input.audio.features_on = FLAGS.features_on
   notes = []
+  for item in FLAGS.set:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise app.UsageError(f'--set={item!r}: expected key=value')
+    parent = config
+    *path, leaf = key.split('.')
+    for part in path:
+      parent = parent[part]
+    # The field's own type parses the value ('4' -> 4, 'True' -> True).
+    parent[leaf] = ast.literal_eval(value) if not isinstance(parent[leaf], str) else value
+    notes.append(item)
   on_cpu = jax.default_backend() == 'cpu'
   batch, size = CPU_SHRINK.get(name, (None, None)) if on_cpu else (None, None)
   batch = FLAGS.batch or batch

@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           safeguard, see models/tavlo.py AudioCentering)
   c.model.motion_features = False           # visual features + their frame-to-frame
   #                                           change, per location (models/tavlo.py with_motion)
+  c.model.fine_stride = 0                   # 0: map on the token grid (H/8); 4: H/4 map,
+  #                                           tokens upsampled + local features (tavlo.py)
   c.model.visual = ml_collections.ConfigDict()
   c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
   c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)

@@ -138,6 +138,12 @@ def _bilinear_reference(grid, factor):
   return along(along(np.asarray(grid, np.float64), -1), -2)
 
 
+def _grid(config):
+  """The model's map size: H/4 with fine maps, else the token grid."""
+  m = config.model
+  return config.input.image_size // (m.fine_stride or m.visual.output_stride)
+
+
 def test_crop_to_picture_keeps_square_maps_and_crops_bars():
   grid = np.random.default_rng(0).normal(size=(3, 4, 4)).astype(np.float32)
   square = localize.letterbox_geometry(64, 64, 32)
@@ -261,7 +267,7 @@ def test_outputs_match_the_input_video(trained, tmp_path):
   paths = localize.write_outputs(str(out), [r], trained, 'ckpt')
   maps = np.load(paths['maps'])
   assert sorted(maps.files) == sorted(f'clip one/{k}' for k in range(30))
-  grid = trained.config.input.image_size // 8
+  grid = _grid(trained.config)
   for k in range(30):
     m = maps[f'clip one/{k}']
     assert m.shape != (grid, grid) and m.shape[1] == grid * localize.CROP_UPSAMPLE
@@ -292,7 +298,8 @@ def test_maps_are_deterministic_and_evaluate_maps_reads_them(trained, tmp_path):
   for a, b in zip(one.frame_maps, two.frame_maps):
     np.testing.assert_array_equal(a, b)
   # Square video: the model's raw grid, one map per frame.
-  assert one.frame_maps[0].shape == (4, 4) and len(one.frame_maps) == 16
+  g = _grid(trained.config)
+  assert one.frame_maps[0].shape == (g, g) and len(one.frame_maps) == 16
   paths = localize.write_outputs(str(tmp_path / 'out'), [one], trained, 'ckpt')
   ann = tmp_path / 'release' / 'metadata' / 'v'
   ann.mkdir(parents=True)
@@ -323,7 +330,7 @@ def test_portrait_and_tiny_videos_keep_their_size(trained, tmp_path, height, wid
   box = r.letterbox
   assert box.height == 32 and box.width == round(32 * width / height)
   h, w = r.frame_maps[0].shape
-  assert h > w and h == 4 * localize.CROP_UPSAMPLE     # the picture's shape, no bars
+  assert h > w and h == _grid(trained.config) * localize.CROP_UPSAMPLE   # picture's shape, no bars
   strip = np.asarray(Image.open(r.overlay_path))
   assert strip.shape[1] > strip.shape[0]                 # frames side by side
 
@@ -410,7 +417,8 @@ def test_checkpoint_from_another_config_uses_its_stored_config(tmp_path, run_dir
   assert r.raw_threshold is None                         # never evaluated
   path = _video(tmp_path / 'v.mp4', n=10, fps=8.0, height=32, width=32)
   out = localize.localize_video(r, path, None, progress=False)
-  assert out.frame_maps[0].shape == (5, 5)               # 40 px input, stride 8
+  g = _grid(r.config)
+  assert g == 40 // 4 and out.frame_maps[0].shape == (g, g)   # 40 px input, fine maps
   # The weights of one run with the config of another: named, not a traceback.
   (tmp_path / 'other' / 'config.json').write_text(pathlib.Path(run_dir, 'config.json').read_text())
   with pytest.raises(localize.LocalizeError, match='does not fit'):

@@ -14,6 +14,7 @@ import pytest
 from configs import avatar_synth
 from tavlo_jax import config_lib
 from tavlo_jax import losses
+from tavlo_jax.evaluation import reference
 from tavlo_jax.models import build_model, upsample_heatmap
 from tavlo_jax.models import attention
 from tavlo_jax.models import convert_torch
@@ -39,6 +40,7 @@ def tiny_config(variant='runlocal', **model):
   # The paper's model: the synthetic default's motion features would widen
   # what a frame reaches by one frame (tested on their own below).
   c.model.motion_features, c.loss.shifted_audio_negatives = False, 0
+  c.model.fine_stride = 0                          # maps on the token grid (fine maps: below)
   for k, v in model.items():
     c.model[k] = v
   return c
@@ -58,7 +60,8 @@ def _param_structure(config):
   or the leak guard), so tests can share one initialisation."""
   m = config.model
   return (m.name, m.num_layers, m.temporal_attention, m.visual.norm,
-          m.audio.norm, m.center_audio, m.motion_features, config.input.num_frames)
+          m.audio.norm, m.center_audio, m.motion_features, m.fine_stride,
+          config.input.num_frames)
 
 
 _VARIABLES = {}
@@ -89,7 +92,8 @@ def test_output_shapes_for_every_variant(variant):
   out = jax.eval_shape(
       lambda f, a: model.init_with_output(jax.random.key(0), f, a)[0],
       frames, audio)
-  t, s, stride = c.input.num_frames, c.input.image_size, c.model.visual.output_stride
+  t, s = c.input.num_frames, c.input.image_size
+  stride = c.model.fine_stride or c.model.visual.output_stride
   d = c.model.embed_dim + (c.model.temporal_pos_dim if c.model.name == 'tavlo'
                            else 0)
   g = s // stride
@@ -119,6 +123,9 @@ def test_config_errors_name_the_field():
   c = tiny_config(num_heads=5)
   with pytest.raises(ValueError, match='num_heads'):
     build_model(c)
+  for fine in (3, 4):                  # not a divisor of 4 / not below it
+    with pytest.raises(ValueError, match='fine_stride'):
+      build_model(tiny_config(fine_stride=fine))
   c = tiny_config()
   frames, audio = inputs(c)
   with pytest.raises(ValueError, match='uint8'):
@@ -195,6 +202,43 @@ def test_motion_features_are_the_change_since_the_previous_frame():
                            apply(variables, _perturb_frame(frames, 2), audio))
   assert (change[2:4] > 1e-3).all(), change
   np.testing.assert_array_equal(change[[0, 1, 4, 5]], 0.0)
+
+
+@pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
+def test_fine_map_is_upsampled_tokens_plus_features_of_each_patch(name):
+  """fine_stride=2 on the tiny model (token grid 4x4): the map is 8x8; its
+  token part is the bilinear upsampling (float64 reference) and its local
+  part sees one 2x2 pixel patch only."""
+  c = tiny_config('runlocal' if name == 'tavlo' else 'runlocal+ezvsl', fine_stride=2)
+  frames, audio = inputs(c)
+  variables, apply = init_and_apply(c, frames, audio)
+  assert apply(variables, frames, audio)['heatmap'].shape == (2, 6, 8, 8)
+
+  x = tavlo_lib.normalize_frames(frames, jnp.float32)
+  tokens = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 4, 4, 8)), jnp.float32)
+  params = nn.meta.unbox(_FineOnly().init(init_key(), tokens, x))
+  got = np.asarray(_FineOnly().apply(params, tokens, x) - _FineOnly().apply(
+      params, jnp.zeros_like(tokens), x))
+  for b, t, d in [(0, 0, 0), (1, 5, 7), (0, 3, 4)]:
+    want = reference.resize(np.asarray(tokens[b, t, :, :, d]), (8, 8))
+    np.testing.assert_allclose(got[b, t, :, :, d], want, atol=1e-5)
+  # One 2x2 patch changed (rows 4-5, cols 2-3) moves the patch features at
+  # cell (2, 1) only (GroupNorm then rescales them per frame).
+  def patch_features(frames):
+    _, state = _FineOnly().apply(params, tokens, frames, capture_intermediates=True,
+                                 mutable=['intermediates'])
+    return np.asarray(state['intermediates']['local_features']['patch_conv']['__call__'][0])
+  moved = x.at[:, :, 4:6, 2:4].add(1.0)
+  diff = np.abs(patch_features(moved) - patch_features(x)).max((0, 1, 4))
+  assert diff.shape == (8, 8) and diff[2, 1] > 1e-3
+  diff[2, 1] = 0.0
+  np.testing.assert_array_equal(diff, 0.0)
+
+
+class _FineOnly(nn.Module):
+  @nn.compact
+  def __call__(self, tokens, frames):
+    return tavlo_lib.add_local_features(tokens, frames, 2, False, jnp.float32)
 
 
 @pytest.mark.parametrize('impl,layers', [('xla', 1), ('blockwise', 2)])
@@ -472,8 +516,9 @@ def test_upsample_heatmap():
 
 @pytest.mark.slow
 def test_logical_names_and_sharded_apply_matches_unsharded():
-  # Motion features on: their frame-to-frame difference crosses the `seq` shards.
-  c = tiny_config(motion_features=True)
+  # Motion features on: their frame-to-frame difference crosses the `seq`
+  # shards; fine maps on: the upsampling and the patch features are sharded too.
+  c = tiny_config(motion_features=True, fine_stride=2)
   frames, audio = inputs(c, batch=4)
   model = build_model(c)
   specs = nn.get_partition_spec(jax.eval_shape(
@@ -499,7 +544,8 @@ def test_logical_names_and_sharded_apply_matches_unsharded():
     out = jax.jit(functools.partial(model.apply, train=False))(
         variables, frames, audio)
     # The same weights with the temporal step sequence-parallel over 'seq'.
-    ring = build_model(tiny_config(attention_impl='ring', motion_features=True))
+    ring = build_model(tiny_config(attention_impl='ring', motion_features=True,
+                                   fine_stride=2))
     out_ring = jax.jit(functools.partial(ring.apply, train=False))(
         variables, frames, audio)
   np.testing.assert_allclose(out['heatmap'], expected['heatmap'], atol=1e-5)

@@ -41,6 +41,12 @@ def _check(config: ml_collections.ConfigDict) -> None:
   if config.input.image_size % stride:
     raise ValueError(f'config.input.image_size={config.input.image_size} is '
                      f'not a multiple of the output stride {stride}')
+  if m.fine_stride and (m.fine_stride >= stride or stride % m.fine_stride
+                        or config.input.image_size % m.fine_stride):
+    raise ValueError(f'config.model.fine_stride={m.fine_stride}: expected 0 (maps on '
+                     f'the token grid) or a divisor of the output stride {stride} '
+                     f'below it that divides config.input.image_size='
+                     f'{config.input.image_size}')
   if m.attention_impl not in IMPLEMENTATIONS:
     raise ValueError(f'config.model.attention_impl={m.attention_impl!r}; '
                      f'expected one of {IMPLEMENTATIONS}')
@@ -72,7 +78,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                        norm=m.audio.norm, dtype=dtype)
   if m.name == 'ezvsl':
     return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype,
-                 center_audio=m.center_audio)
+                 center_audio=m.center_audio, fine_stride=m.fine_stride)
   if m.name != 'tavlo':
     raise ValueError(f'config.model.name={m.name!r}; expected tavlo|ezvsl')
   return TAVLO(
@@ -85,7 +91,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       cross_modal_attention=m.cross_modal_attention,
       attention_impl=m.attention_impl, attention_block=m.attention_block,
       dtype=dtype, spatial_attention=m.spatial_attention,
-      center_audio=m.center_audio, motion_features=m.motion_features)
+      center_audio=m.center_audio, motion_features=m.motion_features,
+      fine_stride=m.fine_stride)
 
 
 __all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

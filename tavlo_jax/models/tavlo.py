@@ -29,9 +29,10 @@ import numpy as np
 
 from tavlo_jax.models.attention import MultiHeadAttention, window_or_none
 from tavlo_jax.models.audio_encoder import AudioEncoder
-from tavlo_jax.models.resnet import ResNet
+from tavlo_jax.models.resnet import ResNet, conv, norm_layer
 
 TOKEN_AXES = ('batch', 'time', 'space', 'embed')
+LOCAL_WIDTH = 32                 # channels of LocalFeatures (fine maps)
 # torchvision's ImageNet statistics, so converted pretrained weights see the
 # inputs they were trained on.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,6 +166,7 @@ class TAVLO(nn.Module):
   spatial_attention: bool = True
   center_audio: bool = True
   motion_features: bool = False
+  fine_stride: int = 0             # 0: map on the token grid; else LocalFeatures' stride
 
   def _codes(self, name, length, dim, sinusoid):
     """A learned [length, dim] table, or the fixed `sinusoid()` table."""
@@ -186,8 +188,8 @@ class TAVLO(nn.Module):
     of sync with its frames (hard negatives for the loss; see
     tavlo_jax/losses.py "Out-of-sync negatives")."""
     b, t = frames.shape[:2]
-    x = normalize_frames(frames, self.dtype)
-    feats = self.visual_encoder(x, train)                     # [B,T,h,w,C]
+    x_frames = normalize_frames(frames, self.dtype)
+    feats = self.visual_encoder(x_frames, train)              # [B,T,h,w,C]
     h, w = feats.shape[2:4]
     if self.motion_features:
       feats = with_motion(feats)                              # [B,T,h,w,3C]
@@ -235,6 +237,9 @@ class TAVLO(nn.Module):
     visual_out = _dense(width, 'visual_head', ('embed', None), self.dtype)(
         x[:, :, 1:]).reshape(b, t, h, w, width)
     audio_out = centering(audio_raw, train) if self.center_audio else audio_raw
+    if self.fine_stride:
+      visual_out = add_local_features(visual_out, x_frames, self.fine_stride,
+                                      train, self.dtype)
     outputs = make_outputs(visual_out, audio_out)
     if audio_shifts is None:
       return outputs
@@ -259,6 +264,42 @@ class TAVLO(nn.Module):
       shifted.append(l2_normalize(y))
     outputs['shifted_audio'] = jnp.stack(shifted)
     return outputs
+
+
+class LocalFeatures(nn.Module):
+  """A patch embedding (as in ViT): one conv whose kernel is its stride, so
+  each cell's features come from its own stride x stride pixels alone, then
+  GroupNorm (statistics of the whole frame) and ReLU."""
+  width: int
+  stride: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = conv(self.width, self.stride, self.stride, pad=0, dtype=self.dtype,
+             name='patch_conv')(x)
+    return nn.relu(norm_layer('group', train, self.width, dtype=self.dtype,
+                              name='patch_norm')(x))
+
+
+def add_local_features(visual, frames, stride, train, dtype):
+  """Token-grid embeddings [B, T, h, w, D] -> [B, T, S/stride, S/stride, D]:
+  bilinearly upsampled, plus a projection of the LocalFeatures of the
+  normalised frames [B, T, S, S, 3].
+
+  Why: the tokens see most of the frame (the ResNet's receptive field, then
+  spatial attention), and the max-MIL loss only asks that SOME token near the
+  source match its sound. Each category's argmax settled at a fixed mean
+  offset of 0.2-0.8 cells from its object (a different one per seed), and
+  nearly all pointing misses on Single-sound were next to the source
+  (WORKSPACE.md, Model, "Fine maps"). Features that see only their own
+  patch anchor the peak on the object.
+  """
+  b, t, _, _, d = visual.shape
+  fine = LocalFeatures(LOCAL_WIDTH, stride, dtype, name='local_features')(frames, train)
+  fh, fw = fine.shape[2:4]
+  coarse = jax.image.resize(visual, (b, t, fh, fw, d), 'bilinear')
+  return coarse + _dense(d, 'local_proj', ('channels', None), dtype)(fine)
 
 
 def with_motion(feats):
@@ -290,13 +331,18 @@ class EZVSL(nn.Module):
   embed_dim: int = 64
   dtype: jnp.dtype = jnp.float32
   center_audio: bool = True
+  fine_stride: int = 0             # as TAVLO's: the same map resolution for both
 
   @nn.compact
   def __call__(self, frames, audio, train: bool = False):
     t = frames.shape[1]
-    feats = self.visual_encoder(normalize_frames(frames, self.dtype), train)
+    x_frames = normalize_frames(frames, self.dtype)
+    feats = self.visual_encoder(x_frames, train)
     visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
                     self.dtype)(feats)
+    if self.fine_stride:
+      visual = add_local_features(visual, x_frames, self.fine_stride, train,
+                                  self.dtype)
     clip_audio = self.audio_encoder(audio, t, train).mean(1)
     clip_audio = _dense(self.embed_dim, 'audio_proj', ('embed', None),
                         self.dtype)(clip_audio)
