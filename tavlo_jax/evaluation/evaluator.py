@@ -313,8 +313,7 @@ def category_scores(table, names=None) -> dict[int, dict]:
     # category whose peak sits at a fixed side of its object shows here.
     for axis in ('dy', 'dx'):
       v = table[f'point_{axis}'][mine]
-      v = v[np.isfinite(v)]
-      entry[f'offset_{axis}'] = float(v.mean()) if v.size else math.nan
+      entry[f'offset_{axis}'] = aggregates.mean(v[np.isfinite(v)])
     for frames in ('single', 'multi'):
       entry[frames] = 100 * aggregates.mean(table['hit'][mine & pool_mask(table, frames)])
     if names is not None and c < len(names):

@@ -41,12 +41,11 @@ def _check(config: ml_collections.ConfigDict) -> None:
   if config.input.image_size % stride:
     raise ValueError(f'config.input.image_size={config.input.image_size} is '
                      f'not a multiple of the output stride {stride}')
-  if m.fine_stride and (m.fine_stride >= stride or stride % m.fine_stride
-                        or config.input.image_size % m.fine_stride):
+  # A divisor of the output stride also divides image_size (checked above).
+  if m.fine_stride and (m.fine_stride >= stride or stride % m.fine_stride):
     raise ValueError(f'config.model.fine_stride={m.fine_stride}: expected 0 (maps on '
                      f'the token grid) or a divisor of the output stride {stride} '
-                     f'below it that divides config.input.image_size='
-                     f'{config.input.image_size}')
+                     'below it')
   if m.attention_impl not in IMPLEMENTATIONS:
     raise ValueError(f'config.model.attention_impl={m.attention_impl!r}; '
                      f'expected one of {IMPLEMENTATIONS}')
