@@ -1,0 +1,63 @@
+"""launch/compare_synth.py --notrain on hand-made finished runs: the table's
+mean +- std, and the hard Off-screen TN row from regenerated scenes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tavlo_datasets.avatar_synth import avatar_synth_dataset_builder as lib
+from tavlo_datasets.avatar_synth import generator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _variants(split='test'):
+  cfg = {c.name: c.synth for c in lib.BUILDER_CONFIGS}['tiny']
+  return {i: generator.make_scene(cfg, split, i).variant for i in range(cfg.num_test)}
+
+
+def _write_run(run_dir, pointing, threshold, rows):
+  out = os.path.join(run_dir, 'eval', 'step_3')
+  os.makedirs(out)
+  results = {'settings': {'calibration': {'raw_threshold': threshold}},
+             'scenarios': {'single': {'pointing_game': pointing},
+                           'offscreen': {'tn': 50.0}},
+             'dataset': 'avatar_synth/tiny', 'split': 'test'}
+  with open(os.path.join(out, 'eval.json'), 'w') as f:
+    json.dump(results, f)
+  with open(os.path.join(out, 'eval_frames.csv'), 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['frame_id', 'clip_index', 'frame_index', 'tags', 'raw_max'])
+    for k, (clip, tags, raw) in enumerate(rows):
+      w.writerow([f'clip{clip}/frame{k}', clip, k, tags, raw])
+
+
+def test_table_and_hard_offscreen_tn(tmp_path):
+  variants = _variants()
+  hard = [i for i, v in variants.items() if v == 'same_category']
+  easy = [i for i, v in variants.items() if v in ('offscreen', 'walk_in')]
+  onscreen = [i for i, v in variants.items() if v in ('single', 'mixed')]
+  assert hard and easy and onscreen, variants
+  # Seed 0: of 4 hard frames, 3 below the threshold 0.4 (TN 75%); the easy
+  # Off-screen frame and the on-screen frame must not count.
+  rows0 = [(hard[0], 'offscreen', 0.1), (hard[0], 'offscreen', 0.39),
+           (hard[-1], 'offscreen', 0.2), (hard[-1], 'offscreen', 0.9),
+           (easy[0], 'offscreen', 0.95), (onscreen[0], 'single', 0.05)]
+  # Seed 1, threshold 0.5: 1 of 2 (50%); a frame tagged offscreen+single counts.
+  rows1 = [(hard[0], 'single+offscreen', 0.45), (hard[0], 'offscreen', 0.6)]
+  _write_run(tmp_path / 'tavlo_seed0', 80.0, 0.4, rows0)
+  _write_run(tmp_path / 'tavlo_seed1', 70.0, 0.5, rows1)
+  r = subprocess.run([sys.executable, 'launch/compare_synth.py', f'--out={tmp_path}',
+                      '--seeds=0,1', '--models=tavlo', '--notrain'],
+                     capture_output=True, text=True, cwd=ROOT, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads((tmp_path / 'comparison.json').read_text())['tavlo']
+  assert summary['single']['pointing_game'] == {'mean': 75.0, 'std': 5.0, 'n': 2}
+  hard_tn = summary['offscreen_hard']['tn']
+  np.testing.assert_allclose([hard_tn['mean'], hard_tn['std']], [62.5, 12.5])
+  assert '| tavlo | offscreen_hard |' in r.stdout and '62.5 +- 12.5' in r.stdout
+  assert (tmp_path / 'comparison.png').stat().st_size > 0
