@@ -67,8 +67,7 @@ def _final_eval(run_dir: str) -> dict | None:
 def _scene_variant(builder_config: str, split: str, index: int) -> str:
   from tavlo_datasets.avatar_synth import avatar_synth_dataset_builder as lib  # pylint: disable=g-import-not-at-top
   from tavlo_datasets.avatar_synth import generator  # pylint: disable=g-import-not-at-top
-  cfg = {c.name: c.synth for c in lib.BUILDER_CONFIGS}[builder_config]
-  return generator.make_scene(cfg, split, index).variant
+  return generator.make_scene(lib.synth_config(builder_config), split, index).variant
 
 
 def _hard_offscreen_tn(eval_dir: str, results: dict) -> float | None:
@@ -78,11 +77,15 @@ def _hard_offscreen_tn(eval_dir: str, results: dict) -> float | None:
   frames = os.path.join(eval_dir, 'eval_frames.csv')
   if name != 'avatar_synth' or 'raw_threshold' not in calib or not os.path.exists(frames):
     return None
+  from tavlo_jax.evaluation import aggregates  # pylint: disable=g-import-not-at-top
   with open(frames) as f:
     raw = [float(r['raw_max']) for r in csv.DictReader(f)
            if 'offscreen' in r['tags'].split('+') and _scene_variant(
                builder_config, results['split'], int(r['clip_index'])) == 'same_category']
-  return 100 * float(np.mean(np.array(raw) < calib['raw_threshold'])) if raw else None
+  if not raw:
+    return None
+  return 100 * aggregates.true_negative_rate(aggregates.offscreen_negative(
+      'raw_max', raw_max=raw, raw_threshold=calib['raw_threshold']))
 
 
 def _train(model: str, seed: str) -> None:
@@ -161,12 +164,14 @@ def main(argv):
   all_results, seeds = {}, {}
   for model in _MODELS.value:
     for seed in _SEEDS.value:
-      if _final_eval(_run_dir(model, seed)) is None:
+      results = _final_eval(_run_dir(model, seed))
+      if results is None:
         if not _TRAIN.value:
           print(f'{model} seed {seed}: no finished run in {_run_dir(model, seed)}; left out')
           continue
         _train(model, seed)
-      all_results.setdefault(model, []).append(_final_eval(_run_dir(model, seed)))
+        results = _final_eval(_run_dir(model, seed))
+      all_results.setdefault(model, []).append(results)
       seeds.setdefault(model, []).append(seed)
   if not all_results:
     raise app.UsageError(f'no finished run under {_OUT.value} and --notrain')

@@ -18,7 +18,7 @@ from tavlo_datasets.avatar_synth import contact_sheet
 from tavlo_datasets.avatar_synth import generator as gen
 from tavlo_datasets.avatar_synth import release_writer
 
-TINY = next(c for c in builder_lib.BUILDER_CONFIGS if c.name == 'tiny').synth
+TINY = builder_lib.synth_config('tiny')
 # More clips than `tiny` ships, same world: statistics need a few dozen.
 MANY = 48
 

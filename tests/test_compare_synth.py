@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _variants(split='test'):
-  cfg = {c.name: c.synth for c in lib.BUILDER_CONFIGS}['tiny']
+  cfg = lib.synth_config('tiny')
   return {i: generator.make_scene(cfg, split, i).variant for i in range(cfg.num_test)}
 
 

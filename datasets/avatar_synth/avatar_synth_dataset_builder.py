@@ -54,6 +54,15 @@ BUILDER_CONFIGS = [
 ]
 
 
+def synth_config(builder_config: str) -> generator.SynthConfig:
+  """The generator knobs of a named builder config, e.g. 'small'."""
+  configs = {c.name: c.synth for c in BUILDER_CONFIGS}
+  if builder_config not in configs:
+    raise ValueError(f'unknown builder_config {builder_config!r}; expected one '
+                     f'of {sorted(configs)}')
+  return configs[builder_config]
+
+
 class Builder(tfds.core.ShardBasedBuilder):
   """AVATAR-Synth: procedural audio-visual localisation clips, exact labels.
 

@@ -152,11 +152,7 @@ def contact_sheet_from_generator(builder_config: str, out: str,
   (identical to the stored ones; tests/test_avatar_synth.py checks it)."""
   from tavlo_datasets.avatar_synth import avatar_synth_dataset_builder as lib  # pylint: disable=g-import-not-at-top
   from tavlo_datasets.avatar_synth import generator  # pylint: disable=g-import-not-at-top
-  configs = {c.name: c.synth for c in lib.BUILDER_CONFIGS}
-  if builder_config not in configs:
-    raise ValueError(f'unknown builder_config {builder_config!r}; expected one '
-                     f'of {sorted(configs)}')
-  cfg = configs[builder_config]
+  cfg = lib.synth_config(builder_config)
   n = min(scan, cfg.num_examples(split))
   records = [generator.generate_clip(cfg, split, i) for i in range(n)]
   draw_contact_sheet(pick_clips(records, per_scenario), out, max_frames,
