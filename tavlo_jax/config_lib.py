@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = './data/tfds'        # where TFDS records live / are built
   c.dataset.manual_dir = ''                 # raw files for real data (AVATAR/VGGSound)
   c.dataset.build_if_missing = True         # synth only: build before training if absent
+  c.dataset.build_workers = 2               # synth build: clip-generating processes (1 = in-process)
   c.dataset.eval_name = ''                  # evaluate on another dataset ('' = same), e.g. avatar
   c.dataset.eval_builder_config = ''
   c.dataset.train_split = 'train'

@@ -57,9 +57,15 @@ def ensure_built(config, builder) -> None:
         f'{builder.info.full_name} is not built in {d.data_dir}. Build it with:\n'
         f'  {build_command(config, builder)}')
   if jax.process_index() == 0:
-    logging.info('Building %s into %s (once; later runs reuse it) ...',
-                 builder.info.full_name, d.data_dir)
+    logging.info('Building %s into %s with %d clip-generating processes (once; '
+                 'later runs reuse it) ...', builder.info.full_name, d.data_dir,
+                 d.build_workers)
     t0 = time.perf_counter()
+    # Workers generate clips while this process encodes and writes them; the
+    # records do not depend on the number of workers (test_avatar_synth.py).
+    builder = tfds.builder(f'{builder.name}/{builder.builder_config.name}',
+                           data_dir=builder.data_dir_root,
+                           num_workers=max(1, int(d.build_workers)))
     builder.download_and_prepare(file_format='array_record')
     logging.info('Built %s in %.0f s.', builder.info.full_name, time.perf_counter() - t0)
   multihost_utils.sync_global_devices('tavlo_jax.input_data.ensure_built')

@@ -23,8 +23,8 @@ TINY = builder_lib.synth_config('tiny')
 MANY = 48
 
 
-def _build(data_dir):
-  b = tfds.builder('avatar_synth/tiny', data_dir=str(data_dir))
+def _build(data_dir, num_workers=1):
+  b = tfds.builder('avatar_synth/tiny', data_dir=str(data_dir), num_workers=num_workers)
   b.download_and_prepare(file_format='array_record')
   return b
 
@@ -97,7 +97,9 @@ def test_builder_schema_and_readback(built):
 
 
 def test_build_is_deterministic(built, tmp_path):
-  again = _build(tmp_path).as_data_source()
+  # ... and the same with clip-generating worker processes (what the main
+  # job's build uses: config.dataset.build_workers).
+  again = _build(tmp_path, num_workers=2).as_data_source()
   first = built.as_data_source()
   for split in first:
     assert len(first[split]) == len(again[split])
