@@ -8,7 +8,8 @@ pointing within one cell, sounding>silent, mean cIoU, AUC, adaptive top-k
 cIoU, Off-screen TN%), a map-sign line and the pointing game per sounding
 category with each one's mean argmax offset and the worst one named. Seed 0
 printed pointing single 80.2 / mixed 85.5 / multi 86.6 / cross_event 89.2,
-TN 61.8, "Map sign: argmax on source 83.54%, argmin on source 2.28%",
+Off-screen TN 87.9 (`peak_window` rule; 61.8 per-frame raw max), "Map sign:
+argmax on source 83.54%, argmin on source 2.28%",
 "Worst category: purple capsule (7), pointing 66.75% ...".
 TAVLO here has motion features, out-of-sync audio negatives and 16x16 maps
 (below; why: WORKSPACE.md, Model); `configs/paper.py` is the paper's model.
@@ -47,6 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model). The step is ~1.2x slower, so 400 steps keep the 15-minute budget.
   config.model.fine_stride = 4
   config.train.total_steps = 400
+  # Off-screen TN: a frame says "no source in view" when its map's peak (max
+  # - mean, what the loss pools), taken as the 0.9 quantile over the clip's
+  # frames within +-8, stays below the threshold calibrated on validation
+  # (WORKSPACE.md, Evaluation); the per-frame raw-max rule's TN is reported
+  # beside it (tn_raw_max).
+  config.eval.offscreen_rule = 'peak_window'
 
   if 'seed' in variants:
     config.seed = int(variants['seed'])

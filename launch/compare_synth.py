@@ -12,8 +12,9 @@ per scenario, and the same Multi-entity clip's heat maps for each model).
 The `offscreen_hard` row is the issue's Off-screen target: TN% over the
 Off-screen frames of clips where a silent instance of the sound's own category
 is in view (the generator's `same_category` variant; the records do not name
-an unseen source's category, so the scene is regenerated from its index), at
-the run's own validation-calibrated raw-max threshold.
+an unseen source's category, so the scene is regenerated from its index), under
+the run's own off-screen rule and validation-calibrated threshold (`TN%`), and
+under the per-frame raw-max rule (`TN% per frame`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ METRICS = (('pointing_game', 'pointing'), ('pointing_1cell', 'pointing ±1 cell'
            ('sounding_over_silent', 'sounding>silent'),
            ('ciou', 'mean cIoU@0.1'),
            ('adaptive/mean', 'adaptive mean cIoU'), ('adaptive/success', 'adaptive cIoU>=0.5'),
-           ('tn', 'TN%'))
+           ('tn', 'TN%'), ('tn_raw_max', 'TN% per frame'))
 SCENARIOS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen', 'offscreen_hard')
 
 
@@ -57,9 +58,9 @@ def _final_eval(run_dir: str) -> dict | None:
     return None
   with open(paths[-1]) as f:
     results = json.load(f)
-  tn = _hard_offscreen_tn(os.path.dirname(paths[-1]), results)
-  if tn is not None:
-    results['scenarios']['offscreen_hard'] = {'tn': tn}
+  hard = _hard_offscreen_tn(os.path.dirname(paths[-1]), results)
+  if hard is not None:
+    results['scenarios']['offscreen_hard'] = hard
   return results
 
 
@@ -70,22 +71,38 @@ def _scene_variant(builder_config: str, split: str, index: int) -> str:
   return generator.make_scene(lib.synth_config(builder_config), split, index).variant
 
 
-def _hard_offscreen_tn(eval_dir: str, results: dict) -> float | None:
-  """TN% on `same_category` Off-screen frames (module docstring), or None."""
+def _hard_offscreen_tn(eval_dir: str, results: dict) -> dict | None:
+  """{'tn', 'tn_raw_max'} on `same_category` Off-screen frames (module
+  docstring), or None: 'tn' under the run's rule, 'tn_raw_max' per frame."""
   name, _, builder_config = results.get('dataset', '').partition('/')
-  calib = results['settings'].get('calibration', {})
+  settings = results['settings']
+  calib = settings.get('calibration') or {}
   frames = os.path.join(eval_dir, 'eval_frames.csv')
   if name != 'avatar_synth' or 'raw_threshold' not in calib or not os.path.exists(frames):
     return None
   from tavlo_jax.evaluation import aggregates  # pylint: disable=g-import-not-at-top
   with open(frames) as f:
-    raw = [float(r['raw_max']) for r in csv.DictReader(f)
-           if 'offscreen' in r['tags'].split('+') and _scene_variant(
-               builder_config, results['split'], int(r['clip_index'])) == 'same_category']
-  if not raw:
+    rows = list(csv.DictReader(f))
+  col = lambda key, kind: np.array([kind(r[key]) for r in rows])
+  clip, raw = col('clip_index', int), col('raw_max', float)
+  hard = np.array([
+      'offscreen' in r['tags'].split('+') and _scene_variant(
+          builder_config, results['split'], int(r['clip_index'])) == 'same_category'
+      for r in rows], bool)
+  if not hard.any():
     return None
-  return 100 * aggregates.true_negative_rate(aggregates.offscreen_negative(
-      'raw_max', raw_max=raw, raw_threshold=calib['raw_threshold']))
+  tn = lambda rule, score, thr: 100 * aggregates.true_negative_rate(
+      aggregates.offscreen_negative(rule, raw_max=score[hard], raw_threshold=thr))
+  out = {'tn_raw_max': tn('raw_max', raw, calib['raw_threshold'])}
+  out['tn'] = out['tn_raw_max']
+  if settings.get('offscreen_rule') == 'peak_window' and 'window_threshold' in calib:
+    # The window pools each frame with ALL its clip's scored frames (as the
+    # evaluator does), so it is computed over every row before selecting.
+    windowed = aggregates.window_quantile(
+        clip, col('frame_index', int), raw - col('raw_mean', float),
+        settings['offscreen_window_half_width'], settings['offscreen_window_quantile'])
+    out['tn'] = tn('peak_window', windowed, calib['window_threshold'])
+  return out
 
 
 def _train(model: str, seed: str) -> None:

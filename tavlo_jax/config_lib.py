@@ -165,8 +165,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.heatmap_threshold = 0.1                 # the one in the headline table
   c.eval.interpolation = 'bilinear'              # upsampling of maps to mask size
   c.eval.annotation_size = (0, 0)                # (H, W); (0, 0) = the dataset's mask size
-  c.eval.offscreen_rule = 'raw_max'              # raw_max (calibrated) | no_pixel_above
+  c.eval.offscreen_rule = 'raw_max'              # raw_max | peak_window (calibrated) | no_pixel_above
   c.eval.offscreen_target_tpr = 0.9              # calibration: keep 90% of on-screen frames
+  c.eval.offscreen_window = 8                    # peak_window: frames within +- this (frame_index)
+  c.eval.offscreen_window_quantile = 0.9         # ... pooled by this quantile of their peak
   c.eval.num_visualized_clips = 2                # heat-map overlays per scenario
   c.evals = ml_collections.ConfigDict()
   c.eval.protocol = 'avatar'                     # avatar | classic (top-50% binarisation)

@@ -43,12 +43,15 @@ Outputs in --out:
                            Letterboxed videos: the grid upsampled 4x
                            (bilinear) and cropped to the picture, so the
                            map's edges are the frame's edges.
-  scores.csv               per frame `raw_max` (the map's maximum: the
-                           "sound source in view" score) and `in_view`
-                           (raw_max >= the Off-screen threshold calibrated
-                           on the validation split, when the run's
+  scores.csv               per frame `raw_max` (the map's maximum),
+                           `in_view_score` and `in_view` (score >= the
+                           Off-screen threshold calibrated on the validation
+                           split, under the run's rule, when its
                            eval/step_<step>/eval.json has one; else empty).
-  localize.json            what was run: checkpoint, step, rates, threshold.
+                           Rule `peak_window` (the synthetic default): the
+                           map's peak (max - mean) pooled over +-k model
+                           frames; rule `raw_max`: the raw max itself.
+  localize.json            what was run: checkpoint, step, rates, rule.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ from tavlo_datasets.robustness import BadExample
 from tavlo_jax import config_lib, models
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import sampling
-from tavlo_jax.evaluation import visualize
+from tavlo_jax.evaluation import aggregates, visualize
 
 CROP_UPSAMPLE = 4         # letterboxed maps: grid upsampled this much, then cropped
 PNG_FRAMES = 8            # frames in the --overlay=png strip
@@ -101,7 +104,7 @@ class Run:
   variables: dict                  # {'params': ..., 'batch_stats'?: ...}
   step: int
   workdir: str
-  raw_threshold: float | None      # calibrated Off-screen threshold, if any
+  in_view: InView | None           # calibrated Off-screen rule, if any
 
 
 def _is_step_dir(path: str) -> bool:
@@ -230,15 +233,40 @@ def _check_matches(config, variables, workdir: str) -> None:
         'by another run?')
 
 
-def _calibrated_threshold(workdir: str, step: int) -> float | None:
-  """The Off-screen raw threshold calibrated for exactly these weights."""
+@dataclasses.dataclass(frozen=True)
+class InView:
+  """The run's Off-screen rule ("is the sound's source in view?") with the
+  threshold calibrated on validation for exactly these weights."""
+  rule: str                  # 'raw_max' | 'peak_window' (config.eval.offscreen_rule)
+  threshold: float
+  half_width: int = 0        # peak_window: model frames on each side
+  quantile: float = 1.0      # peak_window: pooled by this quantile
+
+  def scores(self, raw_max: np.ndarray, raw_mean: np.ndarray) -> np.ndarray:
+    """Per model frame of one video, the score compared with `threshold`."""
+    if self.rule == 'raw_max':
+      return np.asarray(raw_max, np.float64)
+    n = len(raw_max)
+    return aggregates.window_quantile(np.zeros(n, int), np.arange(n),
+                                      np.asarray(raw_max, np.float64) - raw_mean,
+                                      self.half_width, self.quantile)
+
+
+def _in_view_rule(workdir: str, step: int) -> InView | None:
+  """The Off-screen rule the run's evaluation calibrated for these weights."""
   path = os.path.join(workdir, 'eval', f'step_{step}', 'eval.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    calibration = json.load(f).get('settings', {}).get('calibration') or {}
+    settings = json.load(f).get('settings', {})
+  calibration = settings.get('calibration') or {}
+  if (settings.get('offscreen_rule') == 'peak_window'
+      and calibration.get('window_threshold') is not None):
+    return InView('peak_window', float(calibration['window_threshold']),
+                  int(settings['offscreen_window_half_width']),
+                  float(settings['offscreen_window_quantile']))
   thr = calibration.get('raw_threshold')
-  return None if thr is None else float(thr)
+  return None if thr is None else InView('raw_max', float(thr))
 
 
 def load_run(checkpoint: str) -> Run:
@@ -247,7 +275,7 @@ def load_run(checkpoint: str) -> Run:
   variables, stored_step = restore_variables(step_dir)
   _check_matches(config, variables, workdir)
   step = stored_step if stored_step >= 0 else step
-  return Run(config, variables, step, workdir, _calibrated_threshold(workdir, step))
+  return Run(config, variables, step, workdir, _in_view_rule(workdir, step))
 
 
 def model_fps(config, fps_flag: float | None = None) -> float:
@@ -534,6 +562,7 @@ class VideoResult:
   model_fps: float
   frame_maps: list           # per original frame: its map (views, not copies)
   raw_max: np.ndarray        # f32 [num_frames]
+  in_view_score: np.ndarray | None   # f32 [num_frames], under run.in_view
   letterbox: Letterbox
   has_audio: bool
   overlay_path: str | None
@@ -594,7 +623,12 @@ def localize_video(run: Run, path: str, out_dir: str | None = None, *,
   nearest = np.floor(np.arange(out_count) * rate / info.fps + 0.5).astype(int)
   nearest = np.minimum(nearest, len(maps) - 1)
   frame_maps = [maps[j] for j in nearest]
-  raw_max = maps.reshape(len(maps), -1).max(1)[nearest]
+  flat = maps.reshape(len(maps), -1).astype(np.float64)
+  raw_max = flat.max(1)[nearest]
+  # The Off-screen score over the model's frames (a window rule pools them
+  # in the model's time), then shown on the original frames.
+  in_view_score = (None if run.in_view is None else
+                   run.in_view.scores(flat.max(1), flat.mean(1))[nearest].astype(np.float32))
 
   overlay_path = None
   if out_dir and overlay != 'none':
@@ -607,7 +641,8 @@ def localize_video(run: Run, path: str, out_dir: str | None = None, *,
     else:
       raise LocalizeError(f'--overlay={overlay!r}; expected mp4, gif, png or none')
   return VideoResult(video_id, path, info.fps, out_count, rate, frame_maps,
-                     raw_max.astype(np.float32), box, info.has_audio, overlay_path)
+                     raw_max.astype(np.float32), in_view_score, box, info.has_audio,
+                     overlay_path)
 
 
 # ---------------------------------------------------------------------------
@@ -636,17 +671,19 @@ def write_outputs(out_dir: str, results: Sequence[VideoResult], run: Run,
            (('maps', 'maps.npz'), ('scores', 'scores.csv'), ('summary', 'localize.json'))}
   np.savez_compressed(paths['maps'], **{
       f'{r.video_id}/{k}': m for r in results for k, m in enumerate(r.frame_maps)})
-  thr = run.raw_threshold
+  rule = run.in_view
   with open(paths['scores'], 'w', newline='') as f:
     w = csv.writer(f)
-    w.writerow(['video_id', 'frame_index', 'time_s', 'raw_max', 'in_view'])
+    w.writerow(['video_id', 'frame_index', 'time_s', 'raw_max', 'in_view_score', 'in_view'])
     for r in results:
       for k, v in enumerate(r.raw_max):
+        score = None if r.in_view_score is None else float(r.in_view_score[k])
         w.writerow([r.video_id, k, f'{k / r.fps:.4f}', f'{v:.6f}',
-                    '' if thr is None else int(v >= thr)])
+                    '' if score is None else f'{score:.6f}',
+                    '' if score is None else int(score >= rule.threshold)])
   summary = {
       'checkpoint': os.path.abspath(checkpoint), 'workdir': run.workdir,
-      'step': run.step, 'raw_threshold': thr,
+      'step': run.step, 'in_view_rule': None if rule is None else dataclasses.asdict(rule),
       'videos': [{'video_id': r.video_id, 'path': os.path.abspath(r.path),
                   'fps': r.fps, 'num_frames': r.num_frames, 'model_fps': r.model_fps,
                   'letterbox': dataclasses.asdict(r.letterbox),
@@ -702,10 +739,13 @@ def main(flag, argv):
   try:
     videos = expand_videos(f['video'])
     trained = load_run(f['checkpoint'])
-    thr = trained.raw_threshold
+    rule = trained.in_view
     print(f'Restored step {trained.step} from {trained.workdir} on '
-          f'{jax.devices()[0].platform}; Off-screen threshold: '
-          f'{"none (no eval.json for this step)" if thr is None else f"{thr:.4f}"}',
+          f'{jax.devices()[0].platform}; Off-screen rule: '
+          + ('none (no eval.json for this step)' if rule is None else
+             f'{rule.rule}, threshold {rule.threshold:.4f}'
+             + (f' (q{rule.quantile:g} of the peak over +-{rule.half_width} frames)'
+                if rule.rule == 'peak_window' else '')),
           flush=True)
     results = []
     for path in videos:

@@ -92,8 +92,8 @@ def _mesh():
   return jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def run_evaluator(clips, global_batch, **kw):
-  ev = evaluator_lib.Evaluator(make_config(), **kw)
+def run_evaluator(clips, global_batch, config=None, **kw):
+  ev = evaluator_lib.Evaluator(config or make_config(), **kw)
   for batch, heat in batches(clips, global_batch):
     ev.add(batch, heat)
   return ev
@@ -175,6 +175,36 @@ def test_pooled_scores_match_reference_aggregates(evaluated):
   assert results['scenarios']['cross_event']['num_onscreen'] == (
       table['cross_event'] & on).sum()
   assert set(evaluator_lib.scalar_metrics(results)) >= {'eval/total/ciou', 'eval/single/auc'}
+
+
+def test_window_rule_pools_the_clips_neighbouring_frames(clips):
+  config = make_config('peak_window')
+  config.eval.offscreen_window, config.eval.offscreen_window_quantile = 1, 0.5
+  ev = run_evaluator(clips, GLOBAL_BATCH, config)
+  table, cal = ev.records(), ev.calibrate()
+  results = ev.finalize(cal)
+  on, off = evaluator_lib.onscreen_mask(table), evaluator_lib.offscreen_mask(table)
+  # The peak (max - mean of the raw map), window-pooled frame by frame in
+  # float64 (reference) over ALL the clip's scored frames; thresholds keep
+  # >= 90% of on-screen frames.
+  peak = table['raw_max'].astype(float) - table['raw_mean']
+  windowed = np.asarray(reference.window_quantile(
+      table['clip_index'], table['frame_index'], peak, 1, 0.5))
+  assert cal['window_threshold'] == reference.calibrate_raw_threshold(windowed[on], 0.9)
+  assert cal['raw_threshold'] == reference.calibrate_raw_threshold(table['raw_max'][on], 0.9)
+  assert cal['window'] == {'half_width_frames': 1, 'quantile': 0.5}
+  r = results['scenarios']['offscreen']
+  assert r['tn'] == pytest.approx(100 * (windowed[off] < cal['window_threshold']).mean())
+  assert r['tn_raw_max'] == pytest.approx(
+      100 * (table['raw_max'][off] < cal['raw_threshold']).mean())
+  assert r['tn_rule'].startswith('q0.5 of peak over +-1 frames<')
+  assert results['settings']['offscreen_window_half_width'] == 1
+  # A window of 0 frames scores each frame's own peak.
+  config.eval.offscreen_window = 0
+  ev0 = run_evaluator(clips, GLOBAL_BATCH, config)
+  cal0 = ev0.calibrate()
+  r0 = ev0.finalize(cal0)['scenarios']['offscreen']
+  assert r0['tn'] == pytest.approx(100 * (peak[off] < cal0['window_threshold']).mean())
 
 
 def test_batch_size_and_sharding_do_not_change_anything(clips, evaluated):

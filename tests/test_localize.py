@@ -106,6 +106,23 @@ def trained(run_dir):
 # Pure pieces
 # ---------------------------------------------------------------------------
 
+def test_in_view_rule_from_eval_json_and_peak_window_scores(tmp_path):
+  report = tmp_path / 'eval' / 'step_7' / 'eval.json'
+  report.parent.mkdir(parents=True)
+  report.write_text(json.dumps({'settings': {
+      'offscreen_rule': 'peak_window', 'offscreen_window_half_width': 1,
+      'offscreen_window_quantile': 1.0,
+      'calibration': {'raw_threshold': 0.4, 'window_threshold': 0.25}}}))
+  rule = localize._in_view_rule(str(tmp_path), 7)
+  assert rule == localize.InView('peak_window', 0.25, 1, 1.0)
+  # Peaks (max - mean) 0.1, 0.5, 0.2, 0.0; the max over +-1 model frames:
+  raw_max = np.array([0.3, 0.9, 0.4, 0.1])
+  raw_mean = np.array([0.2, 0.4, 0.2, 0.1])
+  np.testing.assert_allclose(rule.scores(raw_max, raw_mean), [0.5, 0.5, 0.5, 0.2])
+  np.testing.assert_allclose(localize.InView('raw_max', 0.4).scores(raw_max, raw_mean), raw_max)
+  assert localize._in_view_rule(str(tmp_path), 8) is None         # step never evaluated
+
+
 @pytest.mark.parametrize('width,height,expected', [
     (64, 64, (0, 0, 32, 32)),       # square: fills the input
     (64, 36, (7, 0, 18, 32)),       # landscape: bars above and below
@@ -278,13 +295,16 @@ def test_outputs_match_the_input_video(trained, tmp_path):
     same = np.array_equal(maps[f'clip one/{k}'], maps[f'clip one/{k - 1}'])
     assert same == (nearest[k] == nearest[k - 1]), k
   rows = (out / 'scores.csv').read_text().splitlines()
-  assert rows[0] == 'video_id,frame_index,time_s,raw_max,in_view'
+  assert rows[0] == 'video_id,frame_index,time_s,raw_max,in_view_score,in_view'
   assert len(rows) == 31 and rows[3].startswith('clip one,2,0.1667,')
   raw_max = np.array([float(row.split(',')[3]) for row in rows[1:]])
   np.testing.assert_allclose(raw_max, [maps[f'clip one/{k}'].max() for k in range(30)], atol=1e-6)
-  # "In view": raw_max against the run's calibrated threshold.
-  assert trained.raw_threshold == RAW_THRESHOLD
-  in_view = [int(row.split(',')[4]) for row in rows[1:]]
+  # "In view" under the run's rule (raw_max here): raw_max against its
+  # calibrated threshold.
+  assert trained.in_view == localize.InView('raw_max', RAW_THRESHOLD)
+  score = np.array([float(row.split(',')[4]) for row in rows[1:]])
+  np.testing.assert_allclose(score, raw_max, atol=1e-6)
+  in_view = [int(row.split(',')[5]) for row in rows[1:]]
   assert in_view == [int(v >= RAW_THRESHOLD) for v in raw_max]
   summary = json.loads((out / 'localize.json').read_text())
   assert summary['videos'][0]['num_frames'] == 30 and summary['step'] == 0
@@ -414,7 +434,7 @@ def test_checkpoint_from_another_config_uses_its_stored_config(tmp_path, run_dir
   # A checkpoints/<step> folder works too: config.json is found above it.
   r = localize.load_run(os.path.join(workdir, 'checkpoints', '0'))
   assert r.config.input.num_frames == 4 and r.step == 0
-  assert r.raw_threshold is None                         # never evaluated
+  assert r.in_view is None                               # never evaluated
   path = _video(tmp_path / 'v.mp4', n=10, fps=8.0, height=32, width=32)
   out = localize.localize_video(r, path, None, progress=False)
   g = _grid(r.config)

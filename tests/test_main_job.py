@@ -71,7 +71,10 @@ def test_main_job_builds_trains_resumes_and_reports(data_dir, tmp_path):
     assert f'| {name} |' in r.stdout, r.stdout
   results = json.loads((workdir / 'eval' / 'step_4' / 'eval.json').read_text())
   assert set(results['scenarios']) >= {'single', 'mixed', 'multi', 'offscreen'}
-  assert results['settings']['offscreen_rule'] == 'raw_max'
+  # The synthetic default's Off-screen rule, calibrated on validation.
+  assert results['settings']['offscreen_rule'] == 'peak_window'
+  cal = results['settings']['calibration']
+  assert cal['window_threshold'] is not None and cal['window_achieved_tpr'] >= 0.9
   assert (workdir / 'eval' / 'step_4' / 'eval_frames.csv').exists()
   assert list((workdir / 'eval' / 'step_4' / 'overlays').glob('*.png'))
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))

@@ -199,6 +199,32 @@ def test_calibration_by_hand():
   assert thr == reference.calibrate_raw_threshold(raw, 0.9)
 
 
+def test_window_quantile_by_hand_and_against_reference():
+  # One clip, frames 0, 1, 2, 5; +-1 frame: {0,1}, {0,1,2}, {1,2}, {5}.
+  clip, frame = [7, 7, 7, 7], [0, 1, 2, 5]
+  v = [0.1, 0.5, 0.3, 0.9]
+  np.testing.assert_allclose(aggregates.window_quantile(clip, frame, v, 1, 1.0),
+                             [0.5, 0.5, 0.5, 0.9])
+  np.testing.assert_allclose(aggregates.window_quantile(clip, frame, v, 1, 0.5),
+                             [0.3, 0.3, 0.4, 0.9])
+  # half_width 0 gives the values back; frames of other clips never mix in.
+  np.testing.assert_allclose(aggregates.window_quantile(clip, frame, v, 0, 0.9), v)
+  rng = np.random.default_rng(3)
+  n = 200
+  clip = rng.integers(0, 9, n)                      # unsorted, as a pool's rows may be
+  frame = rng.integers(0, 32, n)
+  vals = rng.normal(size=n)
+  for half_width, q in ((0, 0.75), (2, 0.9), (8, 0.9), (40, 0.5)):
+    np.testing.assert_allclose(
+        aggregates.window_quantile(clip, frame, vals, half_width, q),
+        reference.window_quantile(clip, frame, vals, half_width, q), atol=1e-12)
+  assert aggregates.window_quantile([], [], [], 3, 0.9).shape == (0,)
+  with pytest.raises(ValueError, match='differ in length'):
+    aggregates.window_quantile([0, 0], [0], [1.0, 2.0], 1, 0.5)
+  with pytest.raises(ValueError, match='half_width'):
+    aggregates.window_quantile([0], [0], [1.0], 1, 1.5)
+
+
 def test_negative_aware_f():
   assert aggregates.negative_aware_f(50.0, 50.0) == pytest.approx(50.0)
   assert aggregates.negative_aware_f(0.0, 100.0) == 0.0

@@ -16,7 +16,7 @@ import numpy as np
 # 0.15000000000000002: a cIoU of exactly 0.15 counts below that threshold,
 # like in LVS / SLAVC).
 AUC_THRESHOLDS = tuple(0.05 * i for i in range(21))
-OFFSCREEN_RULES = ('no_pixel_above', 'raw_max')
+OFFSCREEN_RULES = ('no_pixel_above', 'raw_max', 'peak_window')
 
 
 def _f64(x) -> np.ndarray:
@@ -67,14 +67,50 @@ def offscreen_negative(rule: str, *, pia_at_threshold=None, raw_max=None,
     pixel at 1, so under this rule only flat maps can be true negatives.
   'raw_max': the raw map's maximum is below a threshold calibrated on
     validation data (`calibrate_raw_threshold`).
+  'peak_window': the same test on the map's peak (raw max - raw mean)
+    pooled over the clip's neighbouring frames by `window_quantile` (pass
+    that score as raw_max).
   """
   if rule == 'no_pixel_above':
     return np.asarray(pia_at_threshold) == 0
-  if rule == 'raw_max':
+  if rule in ('raw_max', 'peak_window'):
     if raw_threshold is None:
-      raise ValueError("offscreen rule 'raw_max' needs a calibrated raw_threshold")
+      raise ValueError(f'offscreen rule {rule!r} needs a calibrated raw_threshold')
     return np.asarray(raw_max) < raw_threshold
   raise ValueError(f'offscreen rule {rule!r}: expected one of {OFFSCREEN_RULES}')
+
+
+def window_quantile(clip_index, frame_index, values, half_width: int,
+                    q: float) -> np.ndarray:
+  """Per frame: the q-quantile (numpy's linear rule) of `values` over the
+  frames of the SAME clip whose frame_index is within +-half_width of its own.
+
+  Pools the 'peak_window' off-screen score. Why: a silent look-alike of the
+  sound's category can match the sound on one frame by chance, but whether
+  ANYTHING in view moves with the sound is a property of a stretch of time;
+  a high quantile (not the max) of the neighbours' scores keeps a real
+  source's high frames and discounts a look-alike's isolated ones.
+  half_width=0 gives the values back.
+  """
+  clip = np.asarray(clip_index).reshape(-1)
+  frame = np.asarray(frame_index).reshape(-1)
+  v = _f64(values)
+  if not clip.size == frame.size == v.size:
+    raise ValueError(f'clip_index, frame_index and values differ in length: '
+                     f'{clip.size}, {frame.size}, {v.size}')
+  if half_width < 0 or not 0.0 <= q <= 1.0:
+    raise ValueError(f'window half_width must be >= 0 and q in [0, 1]; got '
+                     f'{half_width}, {q}')
+  out = np.empty_like(v)
+  if not v.size:
+    return out
+  order = np.argsort(clip, kind='stable')
+  starts = np.flatnonzero(np.r_[True, np.diff(clip[order]) != 0])
+  for rows in np.split(order, starts[1:]):
+    # [n, n] neighbourhoods of one clip (n = its scored frames, ~30).
+    near = np.abs(frame[rows][:, None] - frame[rows][None]) <= half_width
+    out[rows] = np.nanquantile(np.where(near, v[rows][None], np.nan), q, axis=1)
+  return out
 
 
 def calibrate_raw_threshold(onscreen_raw_max, target_tpr: float) -> float:

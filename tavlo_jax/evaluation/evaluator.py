@@ -6,8 +6,8 @@
     results = evaluator.finalize(calibration)      # same dict on every process
 
 `calibration` comes from a validation pass (`evaluator.calibrate()` there, or
-`calibrate(records, target_tpr)`); it is only needed by the 'raw_max'
-off-screen rule. All scores in `results` are in percent; every choice that
+`calibrate(records, ...)`); it is only needed by the 'raw_max' and
+'peak_window' off-screen rules, and gives both thresholds. All scores in `results` are in percent; every choice that
 moves them (thresholds, tie rule, interpolation, TN rule, calibration) is
 recorded in `results['settings']`.
 
@@ -81,6 +81,7 @@ class Evaluator:
     self.annotation_size = tuple(int(v) for v in ec.annotation_size)
     self.offscreen_rule = ec.offscreen_rule
     self.target_tpr = float(ec.offscreen_target_tpr)
+    self.window = (int(ec.offscreen_window), float(ec.offscreen_window_quantile))
     self.pools = {}
     for name, entry in config.evals.items():
       if entry.frames not in POOL_FRAMES:
@@ -138,7 +139,7 @@ class Evaluator:
 
   def calibrate(self) -> dict:
     """Off-screen raw threshold from the records so far (use on VALIDATION)."""
-    return calibrate(self.records(), self.target_tpr)
+    return calibrate(self.records(), self.target_tpr, self.window)
 
   def settings(self, calibration: dict | None) -> dict:
     return settings(self, calibration)
@@ -165,12 +166,33 @@ def pool_mask(table, frames: str) -> np.ndarray:
   return table['tags'][:, SCENARIO_COLUMNS.index(frames)]
 
 
-def calibrate(table, target_tpr: float) -> dict:
-  """'raw_max' rule: the raw threshold keeping target_tpr of on-screen frames."""
-  raw_max = table['raw_max'][onscreen_mask(table)]
+def peak_window(table, window: tuple[int, float]) -> np.ndarray:
+  """The 'peak_window' off-screen score of every frame.
+
+  The map's peak, raw max - raw mean: the statistic the loss pools
+  (config.loss positives/negatives 'peak'), which leaves the map's level
+  free, so the raw max alone carries a level the training never set. Pooled
+  by window = (half_width, quantile) over the clip's scored frames.
+  """
+  peak = np.asarray(table['raw_max'], np.float64) - table['raw_mean']
+  return aggregates.window_quantile(table['clip_index'], table['frame_index'],
+                                    peak, *window)
+
+
+def calibrate(table, target_tpr: float, window: tuple[int, float] = (0, 1.0)) -> dict:
+  """Thresholds keeping target_tpr of on-screen frames: 'raw_threshold' on the
+  frame's raw max ('raw_max' rule, and what `localize` uses per frame) and
+  'window_threshold' on its pooled peak ('peak_window' rule)."""
+  on = onscreen_mask(table)
+  raw_max = table['raw_max'][on]
+  windowed = peak_window(table, window)[on]
   thr = aggregates.calibrate_raw_threshold(raw_max, target_tpr)
+  window_thr = aggregates.calibrate_raw_threshold(windowed, target_tpr)
   return {'rule': 'raw_max', 'raw_threshold': thr, 'target_tpr': target_tpr,
           'achieved_tpr': float((raw_max >= thr).mean()),
+          'window_threshold': window_thr,
+          'window': {'half_width_frames': int(window[0]), 'quantile': float(window[1])},
+          'window_achieved_tpr': float((windowed >= window_thr).mean()),
           'num_onscreen_frames': int(raw_max.size)}
 
 
@@ -220,6 +242,11 @@ def settings(ev: Evaluator, calibration: dict | None) -> dict:
       'offscreen_frames': 'tagged offscreen',
       'offscreen_rule': ev.offscreen_rule,
       'offscreen_target_tpr': ev.target_tpr,
+      'offscreen_window': ("peak_window: the q-quantile of the map's peak (raw max "
+                           "- raw mean) over the clip's scored frames within "
+                           '+-half_width frames'),
+      'offscreen_window_half_width': ev.window[0],
+      'offscreen_window_quantile': ev.window[1],
       'calibration': calibration,
       'slavc': ('AP/max-F1 over on-screen (positive) and off-screen (negative) '
                 'frames of the pool; TP needs the headline cIoU >= 0.5'),
@@ -233,8 +260,13 @@ def _binarised_scores(cious) -> dict:
           'auc': 100 * aggregates.auc(cious)}
 
 
-def pool_scores(table, select, ev: Evaluator, calibration: dict | None) -> dict:
-  """Scores of one pool of frames (a boolean mask over the table)."""
+def pool_scores(table, select, ev: Evaluator, calibration: dict | None,
+                windowed: np.ndarray | None = None) -> dict:
+  """Scores of one pool of frames (a boolean mask over the table).
+
+  windowed: `peak_window(table, ev.window)` (computed once per table; the
+  pool's frames are windowed with ALL the clip's scored frames, not the pool's).
+  """
   on, off = select & onscreen_mask(table), select & offscreen_mask(table)
   out: dict[str, Any] = {'num_onscreen': int(on.sum()), 'num_offscreen': int(off.sum())}
   head_k = ev.thresholds.index(ev.headline_threshold)
@@ -276,12 +308,24 @@ def pool_scores(table, select, ev: Evaluator, calibration: dict | None) -> dict:
   out['tn_raw_max'] = (100 * aggregates.true_negative_rate(aggregates.offscreen_negative(
       'raw_max', raw_max=table['raw_max'][off], raw_threshold=raw_thr))
                        if raw_thr is not None else math.nan)
-  out['tn'] = (out[f'tn_no_pixel_above@{_key(ev.headline_threshold)}']
-               if ev.offscreen_rule == 'no_pixel_above' else out['tn_raw_max'])
-  out['tn_rule'] = (f'no_pixel_above@{_key(ev.headline_threshold)}'
-                    if ev.offscreen_rule == 'no_pixel_above' else
-                    f'raw_max<{raw_thr:.6g}' if raw_thr is not None else
-                    'raw_max (not calibrated)')
+  window_thr = calibration.get('window_threshold') if calibration else None
+  if windowed is None:
+    windowed = peak_window(table, ev.window)
+  out['tn_peak_window'] = (100 * aggregates.true_negative_rate(aggregates.offscreen_negative(
+      'peak_window', raw_max=windowed[off], raw_threshold=window_thr))
+                              if window_thr is not None else math.nan)
+  half_width, q = ev.window
+  if ev.offscreen_rule == 'no_pixel_above':
+    out['tn'] = out[f'tn_no_pixel_above@{_key(ev.headline_threshold)}']
+    out['tn_rule'] = f'no_pixel_above@{_key(ev.headline_threshold)}'
+  elif ev.offscreen_rule == 'raw_max':
+    out['tn'] = out['tn_raw_max']
+    out['tn_rule'] = (f'raw_max<{raw_thr:.6g}' if raw_thr is not None else
+                      'raw_max (not calibrated)')
+  else:
+    out['tn'] = out['tn_peak_window']
+    out['tn_rule'] = (f'q{q:g} of peak over +-{half_width} frames<{window_thr:.6g}'
+                      if window_thr is not None else 'peak_window (not calibrated)')
 
   # SLAVC AP / max-F1 over the pool's positives and negatives.
   both = on | off
@@ -326,8 +370,9 @@ def score(table, ev: Evaluator, calibration: dict | None = None) -> dict:
   """Pooled results per `config.evals` entry and per sounding category, plus
   settings and the sign check."""
   scenarios = {}
+  windowed = peak_window(table, ev.window)
   for name, pool in ev.pools.items():
-    scores = pool_scores(table, pool_mask(table, pool['frames']), ev, calibration)
+    scores = pool_scores(table, pool_mask(table, pool['frames']), ev, calibration, windowed)
     scenarios[name] = {'frames': pool['frames'], 'prefix': pool['prefix'], **scores}
   return {'settings': settings(ev, calibration), 'scenarios': scenarios,
           'per_category': category_scores(table, ev.category_names),

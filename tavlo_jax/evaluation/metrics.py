@@ -359,6 +359,14 @@ def sounding_silent_margin(s, gt, silent):
   return jnp.where((n_in > 0) & (n_out > 0), 2.0 * (mean_in - mean_out), jnp.nan)
 
 
+def map_mean(s):
+  """Mean of cosine maps [..., H, W] (clipped to [-1, 1]), identical for any
+  batch shape or sharding (an order-free sum; error <= 2**-19)."""
+  a = _flat((jnp.clip(jnp.asarray(s, jnp.float32), -1.0, 1.0) + 1.0) / 2.0)
+  total = _order_free_sum(a, jnp.ones(a.shape, bool), jnp.ones(a.shape[:-1], jnp.float32))
+  return 2.0 * total / a.shape[-1] - 1.0
+
+
 def _order_free_sum(x, where, scale):
   """sum(x[where]) for 0 <= x <= scale, identical for any batch shape or sharding.
 

@@ -49,6 +49,7 @@ FIELDS = {
     'point_dy': (np.float32, ''), 'point_dx': (np.float32, ''),   # argmax - GT centroid, cells
     'silent_margin': (np.float32, ''),    # map on source - on visible silent instances
     'raw_max': (np.float32, ''), 'raw_min': (np.float32, ''),
+    'raw_mean': (np.float32, ''),         # peak = raw_max - raw_mean (the loss's pooling)
     'confidence': (np.float32, ''),
     'oracle_best': (np.float32, ''), 'oracle_adaptive': (np.float32, ''),
     'finite': (np.bool_, ''),
@@ -85,6 +86,7 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
                         metrics.sounding_silent_margin(up, gt, silent)),
       'raw_max': up.max(axis=(-2, -1)),
       'raw_min': up.min(axis=(-2, -1)),
+      'raw_mean': metrics.map_mean(up),
       'confidence': metrics.confidence(a),
       'finite': finite,
   }

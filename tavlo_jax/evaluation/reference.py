@@ -184,6 +184,7 @@ def frame_scores(s, gt, size, thresholds, method='bilinear', abs_threshold=0.5,
       'hit': pointing_hit(up, gt),
       'min_hit': pointing_hit(-up, gt),
       'raw_max': float(up.max()),
+      'raw_mean': float(up.mean()),
       'confidence': confidence(a),
   }
   out['oracle_best'], out['oracle_adaptive'] = oracle(gt, np.shape(s), method)
@@ -252,3 +253,17 @@ def calibrate_raw_threshold(onscreen_raw_max, target_tpr):
     if sum(x >= thr for x in v) / len(v) >= target_tpr - 1e-12:
       best = thr
   return best
+
+
+def window_quantile(clip_index, frame_index, values, half_width, q):
+  """Per frame, frame by frame: the q-quantile (linear between order
+  statistics, as numpy's default) of its clip's values within +-half_width."""
+  out = []
+  for c, f in zip(clip_index, frame_index):
+    near = sorted(float(v) for c2, f2, v in zip(clip_index, frame_index, values)
+                  if c2 == c and abs(int(f2) - int(f)) <= half_width)
+    pos = q * (len(near) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(near) - 1)
+    out.append(near[lo] + (pos - lo) * (near[hi] - near[lo]))
+  return out

@@ -60,6 +60,13 @@ def format_table(results: dict) -> str:
            _fmt(r['tn']), _fmt(r['ap']), _fmt(r['max_f1'])]
     lines.append('| ' + ' | '.join(row) + ' |')
   rule = next(iter(results['scenarios'].values()), {}).get('tn_rule', s['offscreen_rule'])
+  if s['offscreen_rule'] == 'peak_window':
+    # The per-frame raw-max rule beside it, so the two stay comparable.
+    per_frame = [f"{name} {_fmt(r.get('tn_raw_max'))}" for name, r in results['scenarios'].items()
+                 if r.get('num_offscreen')]
+    recall = 100 * s['offscreen_target_tpr']
+    rule += (f" (per-frame raw max at {recall:g}% on-screen recall: "
+             f"{', '.join(per_frame)})")
   sign = results.get('map_sign', {})
   lines += [
       '',

@@ -56,7 +56,7 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
              final: bool) -> dict:
   calibration = None
   d = config.dataset
-  if config.eval.offscreen_rule == 'raw_max' and data.has_split(d.val_split):
+  if config.eval.offscreen_rule != 'no_pixel_above' and data.has_split(d.val_split):
     val_ev, _ = predict_split(config, state, predict_fn, data, mesh, d.val_split,
                               desc='calibration')
     calibration = val_ev.calibrate()
