@@ -384,6 +384,13 @@ def test_bad_inputs_are_named(clips):
   config = make_config(rule='max')
   with pytest.raises(ValueError, match='offscreen_rule'):
     evaluator_lib.Evaluator(config)
+  config = make_config(rule='peak_window')
+  config.eval.offscreen_window = -1
+  with pytest.raises(ValueError, match=r'config\.eval\.offscreen_window=-1'):
+    evaluator_lib.Evaluator(config)
+  config.eval.offscreen_window, config.eval.offscreen_window_quantile = 8, 1.5
+  with pytest.raises(ValueError, match='offscreen_window_quantile=1.5'):
+    evaluator_lib.Evaluator(config)
 
 
 def test_report_and_visuals(clips, evaluated, tmp_path):

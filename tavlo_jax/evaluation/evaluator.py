@@ -82,6 +82,10 @@ class Evaluator:
     self.offscreen_rule = ec.offscreen_rule
     self.target_tpr = float(ec.offscreen_target_tpr)
     self.window = (int(ec.offscreen_window), float(ec.offscreen_window_quantile))
+    if self.window[0] < 0 or not 0.0 <= self.window[1] <= 1.0:
+      raise ValueError(f'config.eval.offscreen_window={ec.offscreen_window} must be >= 0 '
+                       '(frames on each side) and config.eval.offscreen_window_quantile='
+                       f'{ec.offscreen_window_quantile} in [0, 1]')
     self.pools = {}
     for name, entry in config.evals.items():
       if entry.frames not in POOL_FRAMES:
