@@ -193,6 +193,7 @@ def test_window_rule_pools_the_clips_neighbouring_frames(clips):
   assert cal['window_threshold'] == reference.calibrate_raw_threshold(windowed[on], 0.9)
   assert cal['raw_threshold'] == reference.calibrate_raw_threshold(table['raw_max'][on], 0.9)
   assert cal['window'] == {'half_width_frames': 1, 'quantile': 0.5}
+  assert cal['rule'] == 'peak_window'
   r = results['scenarios']['offscreen']
   assert r['tn'] == pytest.approx(100 * (windowed[off] < cal['window_threshold']).mean())
   assert r['tn_raw_max'] == pytest.approx(

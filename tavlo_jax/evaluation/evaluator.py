@@ -7,9 +7,10 @@
 
 `calibration` comes from a validation pass (`evaluator.calibrate()` there, or
 `calibrate(records, ...)`); it is only needed by the 'raw_max' and
-'peak_window' off-screen rules, and gives both thresholds. All scores in `results` are in percent; every choice that
-moves them (thresholds, tie rule, interpolation, TN rule, calibration) is
-recorded in `results['settings']`.
+'peak_window' off-screen rules, and holds both rules' thresholds. All scores
+in `results` are in percent; every choice that moves them (thresholds, tie
+rule, interpolation, TN rule, calibration) is recorded in
+`results['settings']`.
 
 Pools: `config.evals[name].frames` selects the frames ('single', 'mixed',
 'multi', 'offscreen' by tag, 'cross_event' by flag, 'all'). Within a pool,
@@ -142,8 +143,8 @@ class Evaluator:
     return table
 
   def calibrate(self) -> dict:
-    """Off-screen raw threshold from the records so far (use on VALIDATION)."""
-    return calibrate(self.records(), self.target_tpr, self.window)
+    """Off-screen thresholds from the records so far (use on VALIDATION)."""
+    return calibrate(self.records(), self.target_tpr, self.window, self.offscreen_rule)
 
   def settings(self, calibration: dict | None) -> dict:
     return settings(self, calibration)
@@ -183,16 +184,17 @@ def peak_window(table, window: tuple[int, float]) -> np.ndarray:
                                     peak, *window)
 
 
-def calibrate(table, target_tpr: float, window: tuple[int, float] = (0, 1.0)) -> dict:
+def calibrate(table, target_tpr: float, window: tuple[int, float] = (0, 1.0),
+              rule: str = 'raw_max') -> dict:
   """Thresholds keeping target_tpr of on-screen frames: 'raw_threshold' on the
-  frame's raw max ('raw_max' rule, and what `localize` uses per frame) and
-  'window_threshold' on its pooled peak ('peak_window' rule)."""
+  frame's raw max ('raw_max' rule) and 'window_threshold' on its pooled peak
+  ('peak_window' rule); `rule` (the one the run reports) is recorded."""
   on = onscreen_mask(table)
   raw_max = table['raw_max'][on]
   windowed = peak_window(table, window)[on]
   thr = aggregates.calibrate_raw_threshold(raw_max, target_tpr)
   window_thr = aggregates.calibrate_raw_threshold(windowed, target_tpr)
-  return {'rule': 'raw_max', 'raw_threshold': thr, 'target_tpr': target_tpr,
+  return {'rule': rule, 'raw_threshold': thr, 'target_tpr': target_tpr,
           'achieved_tpr': float((raw_max >= thr).mean()),
           'window_threshold': window_thr,
           'window': {'half_width_frames': int(window[0]), 'quantile': float(window[1])},
