@@ -80,11 +80,11 @@ def _hard_offscreen_tn(eval_dir: str, results: dict) -> dict | None:
   frames = os.path.join(eval_dir, 'eval_frames.csv')
   if name != 'avatar_synth' or 'raw_threshold' not in calib or not os.path.exists(frames):
     return None
-  from tavlo_jax.evaluation import aggregates  # pylint: disable=g-import-not-at-top
+  from tavlo_jax.evaluation import aggregates, evaluator  # pylint: disable=g-import-not-at-top
   with open(frames) as f:
     rows = list(csv.DictReader(f))
   col = lambda key, kind: np.array([kind(r[key]) for r in rows])
-  clip, raw = col('clip_index', int), col('raw_max', float)
+  raw = col('raw_max', float)
   hard = np.array([
       'offscreen' in r['tags'].split('+') and _scene_variant(
           builder_config, results['split'], int(r['clip_index'])) == 'same_category'
@@ -98,9 +98,10 @@ def _hard_offscreen_tn(eval_dir: str, results: dict) -> dict | None:
   if settings.get('offscreen_rule') == 'peak_window' and 'window_threshold' in calib:
     # The window pools each frame with ALL its clip's scored frames (as the
     # evaluator does), so it is computed over every row before selecting.
-    windowed = aggregates.window_quantile(
-        clip, col('frame_index', int), raw - col('raw_mean', float),
-        settings['offscreen_window_half_width'], settings['offscreen_window_quantile'])
+    table = {'clip_index': col('clip_index', int), 'frame_index': col('frame_index', int),
+             'raw_max': raw, 'raw_mean': col('raw_mean', float)}
+    windowed = evaluator.peak_window(table, (settings['offscreen_window_half_width'],
+                                             settings['offscreen_window_quantile']))
     out['tn'] = tn('peak_window', windowed, calib['window_threshold'])
   return out
 

@@ -82,7 +82,7 @@ from tavlo_datasets.robustness import BadExample
 from tavlo_jax import config_lib, models
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import sampling
-from tavlo_jax.evaluation import aggregates, visualize
+from tavlo_jax.evaluation import evaluator, visualize
 
 CROP_UPSAMPLE = 4         # letterboxed maps: grid upsampled this much, then cropped
 PNG_FRAMES = 8            # frames in the --overlay=png strip
@@ -246,10 +246,10 @@ class InView:
     """Per model frame of one video, the score compared with `threshold`."""
     if self.rule == 'raw_max':
       return np.asarray(raw_max, np.float64)
-    n = len(raw_max)
-    return aggregates.window_quantile(np.zeros(n, int), np.arange(n),
-                                      np.asarray(raw_max, np.float64) - raw_mean,
-                                      self.half_width, self.quantile)
+    n = len(raw_max)       # one clip: the video's model frames, in order
+    return evaluator.peak_window(
+        {'clip_index': np.zeros(n, int), 'frame_index': np.arange(n),
+         'raw_max': raw_max, 'raw_mean': raw_mean}, (self.half_width, self.quantile))
 
 
 def _in_view_rule(workdir: str, step: int) -> InView | None:
@@ -624,11 +624,12 @@ def localize_video(run: Run, path: str, out_dir: str | None = None, *,
   nearest = np.minimum(nearest, len(maps) - 1)
   frame_maps = [maps[j] for j in nearest]
   flat = maps.reshape(len(maps), -1).astype(np.float64)
-  raw_max = flat.max(1)[nearest]
+  model_max = flat.max(1)
+  raw_max = model_max[nearest]
   # The Off-screen score over the model's frames (a window rule pools them
   # in the model's time), then shown on the original frames.
   in_view_score = (None if run.in_view is None else
-                   run.in_view.scores(flat.max(1), flat.mean(1))[nearest].astype(np.float32))
+                   run.in_view.scores(model_max, flat.mean(1))[nearest].astype(np.float32))
 
   overlay_path = None
   if out_dir and overlay != 'none':

@@ -267,7 +267,7 @@ def _binarised_scores(cious) -> dict:
 
 
 def pool_scores(table, select, ev: Evaluator, calibration: dict | None,
-                windowed: np.ndarray | None = None) -> dict:
+                windowed: np.ndarray) -> dict:
   """Scores of one pool of frames (a boolean mask over the table).
 
   windowed: `peak_window(table, ev.window)` (computed once per table; the
@@ -315,8 +315,6 @@ def pool_scores(table, select, ev: Evaluator, calibration: dict | None,
       'raw_max', raw_max=table['raw_max'][off], raw_threshold=raw_thr))
                        if raw_thr is not None else math.nan)
   window_thr = calibration.get('window_threshold') if calibration else None
-  if windowed is None:
-    windowed = peak_window(table, ev.window)
   out['tn_peak_window'] = (100 * aggregates.true_negative_rate(aggregates.offscreen_negative(
       'peak_window', raw_max=windowed[off], raw_threshold=window_thr))
                               if window_thr is not None else math.nan)
