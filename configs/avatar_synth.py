@@ -7,12 +7,13 @@ on a 2-core CPU) and prints the per-scenario table (pointing game,
 pointing within one cell, sounding>silent, mean cIoU, AUC, adaptive top-k
 cIoU, Off-screen TN%), a map-sign line and the pointing game per sounding
 category with each one's mean argmax offset and the worst one named. Seed 0
-printed pointing single 80.2 / mixed 85.5 / multi 86.6 / cross_event 89.2,
-Off-screen TN 87.9 (`peak_window` rule; 61.8 per-frame raw max), "Map sign:
-argmax on source 83.54%, argmin on source 2.28%",
-"Worst category: purple capsule (7), pointing 66.75% ...".
-TAVLO here has motion features, out-of-sync audio negatives and 16x16 maps
-(below; why: WORKSPACE.md, Model); `configs/paper.py` is the paper's model.
+printed pointing single 81.2 / mixed 90.2 / multi 85.0 / cross_event 85.9,
+Off-screen TN 82.6 (`peak_window` rule; 51.8 per-frame raw max), "Map sign:
+argmax on source 85.20%, argmin on source 1.69%",
+"Worst category: purple capsule (7), pointing 24.23% ...".
+TAVLO here has motion features, out-of-sync audio negatives, 16x16 maps and
+temporal attention over +-1 frame (below; why: WORKSPACE.md, Model);
+`configs/paper.py` is the paper's model.
 Variants (text after the colon, `+`-joined):
 
   :runlocal      tiny data and model, a few steps: a CPU smoke test (~1 min)
@@ -47,6 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # alone, which anchor each category's peak on its object (WORKSPACE.md,
   # Model). The step is ~1.2x slower, so 400 steps keep the 15-minute budget.
   config.model.fine_stride = 4
+  # Temporal attention over +-1 frame (the base config and the paper: +-2).
+  # Mixed-sound clips alternate sources every few frames, and +-2 frames of
+  # context let a frame's audio and visual tokens carry the source that
+  # sounded just before or after it (WORKSPACE.md, Model).
+  config.model.temporal_window = 1
   config.train.total_steps = 400
   # Off-screen TN: a frame says "no source in view" when its map's peak (max
   # - mean, what the loss pools), taken as the 0.9 quantile over the clip's

@@ -15,7 +15,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ARGS = ['--config=configs/avatar_synth.py:runlocal', '--mode=train',
         '--config.train.total_steps=3', '--config.input.batch_size=8',
-        '--config.optimizer.name=sgd', '--config.optimizer.learning_rate=0.1']
+        '--config.optimizer.name=sgd', '--config.optimizer.learning_rate=0.1',
+        # Pinned: with the synthetic default's +-1 frame window these 3 steps
+        # at lr 0.1 meet a near-tie in a map's max that the all-reduce order
+        # flips, and the params part by ~1e-5 (seen on one CPU model in
+        # session 9); with +-2 they agree to 1e-6 on both CPUs seen so far.
+        '--config.model.temporal_window=2']
 
 
 def _params(workdir):

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
 
@@ -37,17 +38,28 @@ def _sum_hw(x):
 
 # ---- maps -------------------------------------------------------------------
 
+# Relative spread below which a map counts as flat (16 float32 ulps).
+FLAT_RTOL = 16 * float(np.finfo(np.float32).eps)
+
+
 def normalize(s):
-  """Min-max to [0, 1] per map; a flat map stays as is (no NaN)."""
+  """Min-max to [0, 1] per map; a flat map stays flat (no NaN).
+
+  "Flat" includes a spread of float32 rounding only (at most FLAT_RTOL of the
+  map's magnitude): upsampling a constant map is a weighted sum whose weights
+  add up to 1 only within rounding, and on some CPUs the result wobbles by an
+  ulp, which min-max would blow up to a full [0, 1] map. Such a map becomes
+  its max everywhere (a truly flat map is unchanged).
+  """
   s = jnp.asarray(s, jnp.float32)
   lo = s.min(axis=(-2, -1), keepdims=True)
   hi = s.max(axis=(-2, -1), keepdims=True)
   span = hi - lo
-  flat = span == 0
+  flat = span <= FLAT_RTOL * jnp.maximum(jnp.abs(hi), jnp.abs(lo))
   p = (s - lo) / jnp.where(flat, 1.0, span)
   # XLA's vectorised division can land 1 ulp below 1 at the maximum; pin it,
   # so "a non-flat map always has a pixel at 1" holds exactly.
-  return jnp.where(flat, s, jnp.where(s == hi, 1.0, p))
+  return jnp.where(flat, hi, jnp.where(s == hi, 1.0, p))
 
 
 def _resize_matrix(n_in: int, n_out: int, interpolation: str):
