@@ -486,3 +486,13 @@ def test_two_processes_give_the_single_process_numbers(evaluated, tmp_path):
 
 if __name__ == '__main__' and len(sys.argv) == 5 and sys.argv[1] == 'worker':
   _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_colorize_keeps_an_ulp_wobbling_map_dark_and_spreads_a_real_one():
+  wobble = np.full((4, 4), 0.3, np.float32)
+  wobble[2, 1] = np.nextafter(np.float32(0.3), np.float32(1))
+  dark = visualize.colorize(np.zeros((4, 4), np.float32), (8, 8))
+  np.testing.assert_array_equal(visualize.colorize(wobble, (8, 8)), dark)
+  real = np.full((4, 4), 0.3, np.float32)
+  real[2, 1] = 0.31
+  assert len(np.unique(visualize.colorize(real, (8, 8)).reshape(-1, 3), axis=0)) > 1

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tavlo_jax.evaluation import evaluator as evaluator_lib
+from tavlo_jax.evaluation import metrics
 
 COLORMAP = 'inferno'
 OUTLINE_RGB = (0, 255, 255)
@@ -33,10 +34,15 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 
 
 def colorize(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Raw map [h, w] -> uint8 RGB [H, W, 3], min-max normalised (flat -> dark)."""
+  """Raw map [h, w] -> uint8 RGB [H, W, 3], min-max normalised (flat -> dark).
+
+  Flat is what `metrics.normalize` calls flat: a spread of float rounding only
+  (the resize can wobble a constant map by an ulp) is not blown up to colours.
+  """
   up = _resize(np.asarray(heat, np.float32), size, Image.BILINEAR)
-  span = up.max() - up.min()
-  p = (up - up.min()) / span if span > 0 else np.zeros_like(up)
+  lo, hi = float(up.min()), float(up.max())
+  flat = hi - lo <= metrics.FLAT_RTOL * max(abs(hi), abs(lo))
+  p = np.zeros_like(up) if flat else (up - lo) / (hi - lo)
   rgb = matplotlib.colormaps[COLORMAP](p)[..., :3]
   return (rgb * 255).astype(np.uint8)
 
