@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           change, per location (models/tavlo.py with_motion)
   c.model.fine_stride = 0                   # 0: map on the token grid (H/8); 4: H/4 map,
   #                                           tokens upsampled + local features (tavlo.py)
+  c.model.aligned_maps = False              # True: draw token (i, j) at its receptive-field
+  #                                           centre (S i, S j), not its cell's centre (tavlo.py
+  #                                           tokens_onto_cells). Off: no gain from scratch on
+  #                                           AVATAR-Synth (WORKSPACE.md, Model)
   c.model.visual = ml_collections.ConfigDict()
   c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
   c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)

@@ -77,7 +77,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                        norm=m.audio.norm, dtype=dtype)
   if m.name == 'ezvsl':
     return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype,
-                 center_audio=m.center_audio, fine_stride=m.fine_stride)
+                 center_audio=m.center_audio, fine_stride=m.fine_stride,
+                 aligned_maps=m.aligned_maps)
   if m.name != 'tavlo':
     raise ValueError(f'config.model.name={m.name!r}; expected tavlo|ezvsl')
   return TAVLO(
@@ -91,7 +92,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       attention_impl=m.attention_impl, attention_block=m.attention_block,
       dtype=dtype, spatial_attention=m.spatial_attention,
       center_audio=m.center_audio, motion_features=m.motion_features,
-      fine_stride=m.fine_stride)
+      fine_stride=m.fine_stride, aligned_maps=m.aligned_maps)
 
 
 __all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

@@ -167,6 +167,7 @@ class TAVLO(nn.Module):
   center_audio: bool = True
   motion_features: bool = False
   fine_stride: int = 0             # 0: map on the token grid; else LocalFeatures' stride
+  aligned_maps: bool = False       # tokens at their receptive-field centres (tokens_onto_cells)
 
   def _codes(self, name, length, dim, sinusoid):
     """A learned [length, dim] table, or the fixed `sinusoid()` table."""
@@ -239,7 +240,10 @@ class TAVLO(nn.Module):
     audio_out = centering(audio_raw, train) if self.center_audio else audio_raw
     if self.fine_stride:
       visual_out = add_local_features(visual_out, x_frames, self.fine_stride,
-                                      train, self.dtype)
+                                      train, self.dtype, self.aligned_maps)
+    elif self.aligned_maps:
+      visual_out = place_tokens(visual_out, x_frames.shape[2],
+                                x_frames.shape[2] // h, True)
     outputs = make_outputs(visual_out, audio_out)
     if audio_shifts is None:
       return outputs
@@ -282,9 +286,52 @@ class LocalFeatures(nn.Module):
                               name='patch_norm')(x))
 
 
-def add_local_features(visual, frames, stride, train, dtype):
+def tokens_onto_cells(tokens, token_stride: int, cell_stride: int, out_hw):
+  """Token grid [..., h, w, D] -> [..., H, W, D] on cells of `cell_stride` px.
+
+  Why: with torchvision's padding (odd kernels, pad k//2) every stride-2
+  layer centres output i on input 2i, so token (i, j) of a stride-S ResNet
+  reads a window centred on pixel (S i, S j) (test:
+  `test_resnet_token_i_is_centred_on_pixel_stride_times_i`), not on the
+  middle of its S x S cell, S i + (S - 1)/2: 3.5 px up-left at S = 8, 15.5
+  at S = 32. Drawn at the cell centres (what a plain resize does), every map
+  sits that far down-right of what its features see. Here each output cell,
+  centred on pixel cell_stride j + (cell_stride - 1)/2, interpolates the
+  tokens linearly at their true centres; beyond the outermost centre the
+  edge token is held (edge padding, so no weight falls outside the grid).
+  Trained from scratch the model learns its own offsets anyway (WORKSPACE.md,
+  Model, session 10), so `config.model.aligned_maps` is off by default.
+  """
+  pad = [(0, 0)] * (tokens.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
+  padded = jnp.pad(tokens, pad, mode='edge')
+  # scale_and_translate: out = in * scale + translation, in continuous
+  # coordinates (pixel k spans [k, k+1)); the pad moves `in` by one token.
+  scale = token_stride / cell_stride
+  translation = -(token_stride - 1) / (2 * cell_stride) - scale
+  spatial = (tokens.ndim - 3, tokens.ndim - 2)
+  shape = tokens.shape[:-3] + tuple(out_hw) + tokens.shape[-1:]
+  return jax.image.scale_and_translate(
+      padded, shape, spatial, jnp.array([scale, scale], jnp.float32),
+      jnp.array([translation, translation], jnp.float32), 'linear',
+      antialias=False).astype(tokens.dtype)
+
+
+def place_tokens(visual, image_size: int, cell_stride: int, aligned: bool):
+  """The token grid [B, T, h, w, D] on the map's grid of `cell_stride` px."""
+  h, w = visual.shape[2:4]
+  out_hw = (image_size // cell_stride, image_size // cell_stride)
+  if not aligned:   # the plain resize: tokens drawn at their cell centres
+    if out_hw == (h, w):
+      return visual
+    return jax.image.resize(visual, visual.shape[:2] + out_hw + visual.shape[-1:],
+                            'bilinear')
+  return tokens_onto_cells(visual, image_size // h, cell_stride, out_hw)
+
+
+def add_local_features(visual, frames, stride, train, dtype, aligned):
   """Token-grid embeddings [B, T, h, w, D] -> [B, T, S/stride, S/stride, D]:
-  bilinearly upsampled, plus a projection of the LocalFeatures of the
+  upsampled (at the tokens' receptive-field centres when `aligned`, see
+  `tokens_onto_cells`), plus a projection of the LocalFeatures of the
   normalised frames [B, T, S, S, 3].
 
   Why: the tokens see most of the frame (the ResNet's receptive field, then
@@ -295,10 +342,9 @@ def add_local_features(visual, frames, stride, train, dtype):
   (WORKSPACE.md, Model, "Fine maps"). Features that see only their own
   patch anchor the peak on the object.
   """
-  b, t, _, _, d = visual.shape
+  d = visual.shape[-1]
   fine = LocalFeatures(LOCAL_WIDTH, stride, dtype, name='local_features')(frames, train)
-  fh, fw = fine.shape[2:4]
-  coarse = jax.image.resize(visual, (b, t, fh, fw, d), 'bilinear')
+  coarse = place_tokens(visual, frames.shape[2], stride, aligned)
   return coarse + _dense(d, 'local_proj', ('channels', None), dtype)(fine)
 
 
@@ -332,6 +378,7 @@ class EZVSL(nn.Module):
   dtype: jnp.dtype = jnp.float32
   center_audio: bool = True
   fine_stride: int = 0             # as TAVLO's: the same map resolution for both
+  aligned_maps: bool = False       # as TAVLO's
 
   @nn.compact
   def __call__(self, frames, audio, train: bool = False):
@@ -342,7 +389,10 @@ class EZVSL(nn.Module):
                     self.dtype)(feats)
     if self.fine_stride:
       visual = add_local_features(visual, x_frames, self.fine_stride, train,
-                                  self.dtype)
+                                  self.dtype, self.aligned_maps)
+    elif self.aligned_maps:
+      size = x_frames.shape[2]
+      visual = place_tokens(visual, size, size // visual.shape[2], True)
     clip_audio = self.audio_encoder(audio, t, train).mean(1)
     clip_audio = _dense(self.embed_dim, 'audio_proj', ('embed', None),
                         self.dtype)(clip_audio)
