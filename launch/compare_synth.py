@@ -15,6 +15,11 @@ is in view (the generator's `same_category` variant; the records do not name
 an unseen source's category, so the scene is regenerated from its index), under
 the run's own off-screen rule and validation-calibrated threshold (`TN%`), and
 under the per-frame raw-max rule (`TN% per frame`).
+
+The `single_in_mixed` row is pointing over the Single-sound frames that come
+from Mixed-sound clips (one of the clip's sources sounds at that frame): a
+third of the Single-sound frames, and where Single-sound pointing is lost
+(WORKSPACE.md, Model, "Temporal attention over +-1 frame").
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ METRICS = (('pointing_game', 'pointing'), ('pointing_1cell', 'pointing ±1 cell'
            ('ciou', 'mean cIoU@0.1'),
            ('adaptive/mean', 'adaptive mean cIoU'), ('adaptive/success', 'adaptive cIoU>=0.5'),
            ('tn', 'TN%'), ('tn_raw_max', 'TN% per frame'))
-SCENARIOS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen', 'offscreen_hard')
+SCENARIOS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen', 'offscreen_hard',
+             'single_in_mixed')
 
 
 def _run_dir(model: str, seed: str) -> str:
@@ -58,9 +64,12 @@ def _final_eval(run_dir: str) -> dict | None:
     return None
   with open(paths[-1]) as f:
     results = json.load(f)
-  hard = _hard_offscreen_tn(os.path.dirname(paths[-1]), results)
-  if hard is not None:
-    results['scenarios']['offscreen_hard'] = hard
+  eval_dir = os.path.dirname(paths[-1])
+  for scenario, fn in (('offscreen_hard', _hard_offscreen_tn),
+                       ('single_in_mixed', _single_in_mixed_clips)):
+    extra = fn(eval_dir, results)
+    if extra is not None:
+      results['scenarios'][scenario] = extra
   return results
 
 
@@ -71,24 +80,47 @@ def _scene_variant(builder_config: str, split: str, index: int) -> str:
   return generator.make_scene(lib.synth_config(builder_config), split, index).variant
 
 
+def _synth_frames(eval_dir: str, results: dict):
+  """(rows of eval_frames.csv, fn(row, tag, variant) -> bool), or None when
+  the run is not on AVATAR-Synth or kept no per-frame table."""
+  name, _, builder_config = results.get('dataset', '').partition('/')
+  frames = os.path.join(eval_dir, 'eval_frames.csv')
+  if name != 'avatar_synth' or not os.path.exists(frames):
+    return None
+  with open(frames) as f:
+    rows = list(csv.DictReader(f))
+  is_ = lambda r, tag, variant: tag in r['tags'].split('+') and _scene_variant(
+      builder_config, results['split'], int(r['clip_index'])) == variant
+  return rows, is_
+
+
+def _single_in_mixed_clips(eval_dir: str, results: dict) -> dict | None:
+  """{'pointing_game', 'pointing_1cell'} (%) over Single-sound frames of
+  Mixed-sound clips (module docstring), or None."""
+  found = _synth_frames(eval_dir, results)
+  if found is None or not found[0] or 'hit' not in found[0][0]:
+    return None
+  rows, is_ = found
+  picked = [r for r in rows if is_(r, 'single', 'mixed')]
+  if not picked:
+    return None
+  mean = lambda key: 100 * float(np.mean([float(r[key]) for r in picked]))
+  return {'pointing_game': mean('hit'), 'pointing_1cell': mean('hit_1cell')}
+
+
 def _hard_offscreen_tn(eval_dir: str, results: dict) -> dict | None:
   """{'tn', 'tn_raw_max'} on `same_category` Off-screen frames (module
   docstring), or None: 'tn' under the run's rule, 'tn_raw_max' per frame."""
-  name, _, builder_config = results.get('dataset', '').partition('/')
   settings = results['settings']
   calib = settings.get('calibration') or {}
-  frames = os.path.join(eval_dir, 'eval_frames.csv')
-  if name != 'avatar_synth' or 'raw_threshold' not in calib or not os.path.exists(frames):
+  found = _synth_frames(eval_dir, results)
+  if found is None or 'raw_threshold' not in calib:
     return None
   from tavlo_jax.evaluation import aggregates, evaluator  # pylint: disable=g-import-not-at-top
-  with open(frames) as f:
-    rows = list(csv.DictReader(f))
+  rows, is_ = found
   col = lambda key, kind: np.array([kind(r[key]) for r in rows])
   raw = col('raw_max', float)
-  hard = np.array([
-      'offscreen' in r['tags'].split('+') and _scene_variant(
-          builder_config, results['split'], int(r['clip_index'])) == 'same_category'
-      for r in rows], bool)
+  hard = np.array([is_(r, 'offscreen', 'same_category') for r in rows], bool)
   if not hard.any():
     return None
   tn = lambda rule, score, thr: 100 * aggregates.true_negative_rate(

@@ -21,10 +21,10 @@ def _variants(split='test'):
   return {i: generator.make_scene(cfg, split, i).variant for i in range(cfg.num_test)}
 
 
-def _write_run(run_dir, pointing, threshold, rows, settings=None):
+def _write_run(run_dir, pointing, threshold, rows, settings=None, hits=None):
   """rows: (clip, tags, raw_max) with frame_index = row number, or
   (clip, tags, raw_max, frame_index); raw_mean is raw_max - 0.1 (peak 0.1)
-  unless a fifth entry gives it."""
+  unless a fifth entry gives it. hits: optional (hit, hit_1cell) per row."""
   out = os.path.join(run_dir, 'eval', 'step_3')
   os.makedirs(out)
   results = {'settings': {'calibration': {'raw_threshold': threshold}, **(settings or {})},
@@ -35,11 +35,13 @@ def _write_run(run_dir, pointing, threshold, rows, settings=None):
     json.dump(results, f)
   with open(os.path.join(out, 'eval_frames.csv'), 'w', newline='') as f:
     w = csv.writer(f)
-    w.writerow(['frame_id', 'clip_index', 'frame_index', 'tags', 'raw_max', 'raw_mean'])
+    w.writerow(['frame_id', 'clip_index', 'frame_index', 'tags', 'raw_max', 'raw_mean']
+               + (['hit', 'hit_1cell'] if hits else []))
     for k, (clip, tags, raw, *rest) in enumerate(rows):
       frame = rest[0] if rest else k
       mean = rest[1] if len(rest) > 1 else raw - 0.1
-      w.writerow([f'clip{clip}/frame{frame}', clip, frame, tags, raw, mean])
+      w.writerow([f'clip{clip}/frame{frame}', clip, frame, tags, raw, mean]
+                 + (list(hits[k]) if hits else []))
 
 
 def _compare(out_dir, seeds):
@@ -93,3 +95,24 @@ def test_hard_offscreen_tn_under_the_window_rule(tmp_path):
   _, summary = _compare(tmp_path, '0')
   assert summary['offscreen_hard']['tn']['mean'] == pytest.approx(200 / 3)
   assert summary['offscreen_hard']['tn_raw_max']['mean'] == pytest.approx(100.0)
+
+
+def test_single_sound_frames_of_mixed_sound_clips(tmp_path):
+  """Only frames tagged single whose clip is a Mixed-sound clip count."""
+  variants = _variants()
+  mixed = [i for i, v in variants.items() if v == 'mixed']
+  single = [i for i, v in variants.items() if v == 'single']
+  assert mixed and single, variants
+  # Seed 0: 1 of the 2 counted frames hit, both within one cell -> 50 / 100;
+  # a Mixed-sound frame and a Single-sound clip's frame are left out.
+  rows0 = [(mixed[0], 'single', 0.5), (mixed[0], 'single', 0.5),
+           (mixed[0], 'mixed', 0.5), (single[0], 'single', 0.5)]
+  _write_run(tmp_path / 'tavlo_seed0', 80.0, 0.4, rows0,
+             hits=[(1, 1), (0, 1), (0, 0), (0, 0)])
+  _write_run(tmp_path / 'tavlo_seed1', 80.0, 0.4, [(mixed[-1], 'single', 0.5)],
+             hits=[(1, 1)])
+  r, summary = _compare(tmp_path, '0,1')
+  got = summary['single_in_mixed']
+  assert got['pointing_game'] == {'mean': 75.0, 'std': 25.0, 'n': 2}
+  assert got['pointing_1cell'] == {'mean': 100.0, 'std': 0.0, 'n': 2}
+  assert '| tavlo | single_in_mixed | 75.0 +- 25.0 | 100.0 +- 0.0 |' in r.stdout
