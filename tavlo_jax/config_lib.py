@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           change, per location (models/tavlo.py with_motion)
   c.model.fine_stride = 0                   # 0: map on the token grid (H/8); 4: H/4 map,
   #                                           tokens upsampled + local features (tavlo.py)
+  c.model.fine_motion = False               # fine maps: the patch features' frame-to-frame
+  #                                           change too (tavlo.py add_local_features)
   c.model.aligned_maps = False              # True: draw token (i, j) at its receptive-field
   #                                           centre (S i, S j), not its cell's centre (tavlo.py
   #                                           tokens_onto_cells). Off: no gain from scratch on
@@ -190,6 +192,7 @@ def make_image_level(c: ml_collections.ConfigDict) -> None:
   c.model.temporal_attention = False
   c.model.per_frame_audio = False
   c.model.motion_features = False     # it would see two frames
+  c.model.fine_motion = False
   c.loss.name = 'ezvsl'
   c.loss.shifted_audio_negatives = 0  # one audio embedding per clip
 

@@ -61,6 +61,7 @@ def _param_structure(config):
   m = config.model
   return (m.name, m.num_layers, m.temporal_attention, m.visual.norm,
           m.audio.norm, m.center_audio, m.motion_features, m.fine_stride,
+          m.fine_motion,
           config.input.num_frames)
 
 
@@ -468,6 +469,26 @@ def test_image_level_baseline_refuses_motion_features():
   c = tiny_config('ezvsl', motion_features=True)
   with pytest.raises(ValueError, match='motion_features'):
     build_model(c)
+  with pytest.raises(ValueError, match='fine_motion'):
+    build_model(tiny_config('ezvsl', fine_stride=2, fine_motion=True))
+  with pytest.raises(ValueError, match='fine_motion.*fine_stride'):
+    build_model(tiny_config(fine_motion=True))
+
+
+def test_fine_motion_adds_the_patch_features_change_since_the_previous_frame():
+  """With fine_motion the local projection reads [f, f - f_prev, |...|] of the
+  patch features; without temporal attention or token motion, a change to
+  frame t then reaches the maps of t and t + 1 only (without it: t only)."""
+  for fine_motion, reached in ((True, [2, 3]), (False, [2])):
+    c = tiny_config(temporal_attention=False, fine_stride=2, fine_motion=fine_motion)
+    frames, audio = inputs(c)
+    variables, apply = init_and_apply(c, frames, audio)
+    width = 3 * tavlo_lib.LOCAL_WIDTH if fine_motion else tavlo_lib.LOCAL_WIDTH
+    assert variables['params']['local_proj']['kernel'].shape[0] == width
+    change = _frames_changed(apply(variables, frames, audio),
+                             apply(variables, _perturb_frame(frames, 2), audio))
+    assert (change[reached] > 1e-3).all(), change
+    np.testing.assert_array_equal(np.delete(change, reached), 0.0)
 
 
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])

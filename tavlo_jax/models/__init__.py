@@ -53,9 +53,13 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'embed_dim + temporal_pos_dim = {m.embed_dim + m.temporal_pos_dim} '
         f'must be divisible by config.model.num_heads={m.num_heads}')
-  if m.name == 'ezvsl' and m.get('motion_features', False):
-    raise ValueError('config.model.motion_features=True: the image-level '
-                     'EZ-VSL model sees each frame alone; set it to False')
+  for field in ('motion_features', 'fine_motion'):
+    if m.name == 'ezvsl' and m.get(field, False):
+      raise ValueError(f'config.model.{field}=True: the image-level '
+                       'EZ-VSL model sees each frame alone; set it to False')
+  if m.get('fine_motion', False) and not m.fine_stride:
+    raise ValueError('config.model.fine_motion=True needs fine maps '
+                     '(config.model.fine_stride > 0)')
   if config.loss.get('shifted_audio_negatives', 0) and (
       m.name != 'tavlo' or not m.per_frame_audio or m.cross_modal_attention):
     raise ValueError(
@@ -92,7 +96,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       attention_impl=m.attention_impl, attention_block=m.attention_block,
       dtype=dtype, spatial_attention=m.spatial_attention,
       center_audio=m.center_audio, motion_features=m.motion_features,
-      fine_stride=m.fine_stride, aligned_maps=m.aligned_maps)
+      fine_stride=m.fine_stride, aligned_maps=m.aligned_maps,
+      fine_motion=m.fine_motion)
 
 
 __all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']

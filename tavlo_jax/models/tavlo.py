@@ -168,6 +168,7 @@ class TAVLO(nn.Module):
   motion_features: bool = False
   fine_stride: int = 0             # 0: map on the token grid; else LocalFeatures' stride
   aligned_maps: bool = False       # tokens at their receptive-field centres (tokens_onto_cells)
+  fine_motion: bool = False        # the fine features' change since the previous frame too
 
   def _codes(self, name, length, dim, sinusoid):
     """A learned [length, dim] table, or the fixed `sinusoid()` table."""
@@ -240,7 +241,8 @@ class TAVLO(nn.Module):
     audio_out = centering(audio_raw, train) if self.center_audio else audio_raw
     if self.fine_stride:
       visual_out = add_local_features(visual_out, x_frames, self.fine_stride,
-                                      train, self.dtype, self.aligned_maps)
+                                      train, self.dtype, self.aligned_maps,
+                                      self.fine_motion)
     elif self.aligned_maps:
       visual_out = place_tokens(visual_out, x_frames.shape[2],
                                 x_frames.shape[2] // h, True)
@@ -328,11 +330,12 @@ def place_tokens(visual, image_size: int, cell_stride: int, aligned: bool):
   return tokens_onto_cells(visual, image_size // h, cell_stride, out_hw)
 
 
-def add_local_features(visual, frames, stride, train, dtype, aligned):
+def add_local_features(visual, frames, stride, train, dtype, aligned, motion=False):
   """Token-grid embeddings [B, T, h, w, D] -> [B, T, S/stride, S/stride, D]:
   upsampled (at the tokens' receptive-field centres when `aligned`, see
   `tokens_onto_cells`), plus a projection of the LocalFeatures of the
-  normalised frames [B, T, S, S, 3].
+  normalised frames [B, T, S, S, 3] (with `motion`, of those features and
+  their change since the previous frame, `with_motion`).
 
   Why: the tokens see most of the frame (the ResNet's receptive field, then
   spatial attention), and the max-MIL loss only asks that SOME token near the
@@ -344,6 +347,8 @@ def add_local_features(visual, frames, stride, train, dtype, aligned):
   """
   d = visual.shape[-1]
   fine = LocalFeatures(LOCAL_WIDTH, stride, dtype, name='local_features')(frames, train)
+  if motion:
+    fine = with_motion(fine)
   coarse = place_tokens(visual, frames.shape[2], stride, aligned)
   return coarse + _dense(d, 'local_proj', ('channels', None), dtype)(fine)
 
