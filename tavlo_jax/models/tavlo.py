@@ -239,13 +239,8 @@ class TAVLO(nn.Module):
     visual_out = _dense(width, 'visual_head', ('embed', None), self.dtype)(
         x[:, :, 1:]).reshape(b, t, h, w, width)
     audio_out = centering(audio_raw, train) if self.center_audio else audio_raw
-    if self.fine_stride:
-      visual_out = add_local_features(visual_out, x_frames, self.fine_stride,
-                                      train, self.dtype, self.aligned_maps,
-                                      self.fine_motion)
-    elif self.aligned_maps:
-      visual_out = place_tokens(visual_out, x_frames.shape[2],
-                                x_frames.shape[2] // h, True)
+    visual_out = onto_map_grid(visual_out, x_frames, self.fine_stride, train,
+                               self.dtype, self.aligned_maps, self.fine_motion)
     outputs = make_outputs(visual_out, audio_out)
     if audio_shifts is None:
       return outputs
@@ -330,6 +325,18 @@ def place_tokens(visual, image_size: int, cell_stride: int, aligned: bool):
   return tokens_onto_cells(visual, image_size // h, cell_stride, out_hw)
 
 
+def onto_map_grid(visual, frames, fine_stride, train, dtype, aligned,
+                  motion=False):
+  """Token-grid embeddings [B, T, h, w, D] -> the map's grid: fine maps
+  (`add_local_features`) when fine_stride > 0, else the token grid itself
+  (moved to the receptive-field centres when `aligned`)."""
+  if fine_stride:
+    return add_local_features(visual, frames, fine_stride, train, dtype,
+                              aligned, motion)
+  size = frames.shape[2]
+  return place_tokens(visual, size, size // visual.shape[2], aligned)
+
+
 def add_local_features(visual, frames, stride, train, dtype, aligned, motion=False):
   """Token-grid embeddings [B, T, h, w, D] -> [B, T, S/stride, S/stride, D]:
   upsampled (at the tokens' receptive-field centres when `aligned`, see
@@ -392,12 +399,8 @@ class EZVSL(nn.Module):
     feats = self.visual_encoder(x_frames, train)
     visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
                     self.dtype)(feats)
-    if self.fine_stride:
-      visual = add_local_features(visual, x_frames, self.fine_stride, train,
-                                  self.dtype, self.aligned_maps)
-    elif self.aligned_maps:
-      size = x_frames.shape[2]
-      visual = place_tokens(visual, size, size // visual.shape[2], True)
+    visual = onto_map_grid(visual, x_frames, self.fine_stride, train,
+                           self.dtype, self.aligned_maps)
     clip_audio = self.audio_encoder(audio, t, train).mean(1)
     clip_audio = _dense(self.embed_dim, 'audio_proj', ('embed', None),
                         self.dtype)(clip_audio)
