@@ -64,10 +64,12 @@ def _final_eval(run_dir: str) -> dict | None:
     return None
   with open(paths[-1]) as f:
     results = json.load(f)
-  eval_dir = os.path.dirname(paths[-1])
+  found = _synth_frames(os.path.dirname(paths[-1]), results)
+  if found is None:
+    return results
   for scenario, fn in (('offscreen_hard', _hard_offscreen_tn),
                        ('single_in_mixed', _single_in_mixed_clips)):
-    extra = fn(eval_dir, results)
+    extra = fn(*found, results)
     if extra is not None:
       results['scenarios'][scenario] = extra
   return results
@@ -94,13 +96,12 @@ def _synth_frames(eval_dir: str, results: dict):
   return rows, is_
 
 
-def _single_in_mixed_clips(eval_dir: str, results: dict) -> dict | None:
+def _single_in_mixed_clips(rows, is_, results: dict) -> dict | None:
   """{'pointing_game', 'pointing_1cell'} (%) over Single-sound frames of
-  Mixed-sound clips (module docstring), or None."""
-  found = _synth_frames(eval_dir, results)
-  if found is None or not found[0] or 'hit' not in found[0][0]:
+  Mixed-sound clips (module docstring), or None. rows, is_: _synth_frames."""
+  del results  # the same signature as _hard_offscreen_tn
+  if not rows or 'hit' not in rows[0]:
     return None
-  rows, is_ = found
   picked = [r for r in rows if is_(r, 'single', 'mixed')]
   if not picked:
     return None
@@ -108,16 +109,15 @@ def _single_in_mixed_clips(eval_dir: str, results: dict) -> dict | None:
   return {'pointing_game': mean('hit'), 'pointing_1cell': mean('hit_1cell')}
 
 
-def _hard_offscreen_tn(eval_dir: str, results: dict) -> dict | None:
+def _hard_offscreen_tn(rows, is_, results: dict) -> dict | None:
   """{'tn', 'tn_raw_max'} on `same_category` Off-screen frames (module
-  docstring), or None: 'tn' under the run's rule, 'tn_raw_max' per frame."""
+  docstring), or None: 'tn' under the run's rule, 'tn_raw_max' per frame.
+  rows, is_: _synth_frames."""
   settings = results['settings']
   calib = settings.get('calibration') or {}
-  found = _synth_frames(eval_dir, results)
-  if found is None or 'raw_threshold' not in calib:
+  if 'raw_threshold' not in calib:
     return None
   from tavlo_jax.evaluation import aggregates, evaluator  # pylint: disable=g-import-not-at-top
-  rows, is_ = found
   col = lambda key, kind: np.array([kind(r[key]) for r in rows])
   raw = col('raw_max', float)
   hard = np.array([is_(r, 'offscreen', 'same_category') for r in rows], bool)
