@@ -10,6 +10,15 @@ and its own map contrast: mean map on its own objects minus on background.
 A category with a negative own contrast has maps that are cold on its own
 object, i.e. pointing below chance; see losses.py, "Categories that are
 never learned", for why centred audio makes some category do that.
+
+Two more columns tell a deaf audio path from a mis-wired one:
+  audio acc    the share of the category's frames whose audio token is
+               nearest (cosine) to its own category's mean token: low means
+               the audio encoder does not tell the category apart;
+  rival        the other category whose objects the category's mean audio
+               matches best, with that contrast (same measure as the own
+               contrast). A rival above the own contrast means the audio is
+               heard fine but points at another category's objects.
 """
 
 from __future__ import annotations
@@ -49,15 +58,26 @@ def summarize(audio, on_object, background, category) -> dict[int, dict]:
   objectness = (np.mean([on_object[category == c].mean(0) for c in cats], 0)
                 - background.mean(0))
   o = objectness / np.linalg.norm(objectness)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  protos = unit(np.stack([audio[category == c].mean(0) for c in cats]))
+  # Mean object-minus-background feature per category: proto_c . contrast_k
+  # is the mean map contrast that category c's audio gives category k's objects.
+  contrasts = np.stack([(on_object - background)[category == c].mean(0)
+                        for c in cats])
+  nearest = cats[np.argmax(unit(audio) @ protos.T, axis=-1)]
   out = {}
-  for c in cats:
+  for i, c in enumerate(cats):
     mine = category == c
-    proto = audio[mine].mean(0)
-    proto /= np.linalg.norm(proto)
+    gives = contrasts @ protos[i]                   # [K] over object categories
+    others = [k for k in range(len(cats)) if k != i]
+    rival = max(others, key=lambda k: gives[k]) if others else None
     out[int(c)] = {
         'frames': int(mine.sum()),
-        'audio_on_objectness': float(proto @ o),
-        'own_contrast': float(np.mean((on_object[mine] - background[mine]) @ proto)),
+        'audio_on_objectness': float(protos[i] @ o),
+        'own_contrast': float(gives[i]),
+        'audio_accuracy': float(np.mean(nearest[mine] == c)),
+        'rival': None if rival is None else int(cats[rival]),
+        'rival_contrast': float('nan') if rival is None else float(gives[rival]),
     }
   return out
 
@@ -92,12 +112,18 @@ def collect(model, variables, config, batches, max_batches: int):
 
 
 def format_table(stats: dict[int, dict], names=None) -> str:
-  lines = ['| category | frames | audio . objectness | own object - background |',
-           '|---|---|---|---|']
+  label = lambda c: f'{names[c]} ({c})' if names and c < len(names) else str(c)
+  lines = ['| category | frames | audio acc | audio . objectness | '
+           'own object - background | rival object - background |',
+           '|---|---|---|---|---|---|']
   for c, r in sorted(stats.items()):
-    name = f'{names[c]} ({c})' if names and c < len(names) else str(c)
-    lines.append(f"| {name} | {r['frames']} | {r['audio_on_objectness']:+.3f} | "
-                 f"{r['own_contrast']:+.3f} |")
+    rival = ('-' if r['rival'] is None
+             else f"{label(r['rival'])} {r['rival_contrast']:+.3f}")
+    if r['rival'] is not None and r['rival_contrast'] > r['own_contrast']:
+      rival += ' (above own)'
+    lines.append(f"| {label(c)} | {r['frames']} | {100 * r['audio_accuracy']:.0f}% | "
+                 f"{r['audio_on_objectness']:+.3f} | {r['own_contrast']:+.3f} | "
+                 f'{rival} |')
   return '\n'.join(lines)
 
 

@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.audio = ml_collections.ConfigDict()
   c.input.audio.sample_rate = 16000
   c.input.audio.columns_per_frame = 16      # spectrogram columns per video frame
+  c.input.audio.block = 'centred'           # frame t's audio: 'centred' on its time or
+  #                                           'trailing' (the frame interval ending at it)
   c.input.audio.n_fft = 512
   c.input.audio.n_mels = 40
   c.input.audio.fmin = 0.0

@@ -375,8 +375,8 @@ PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def blended_maps(predict: PredictFn, frames: np.ndarray, waveform: np.ndarray, *,
                  window: int, stride: int, fps: float, sample_rate: int,
-                 batch_windows: int, desc: str = '', progress: bool = True
-                 ) -> np.ndarray:
+                 batch_windows: int, audio_block: str = 'centred', desc: str = '',
+                 progress: bool = True) -> np.ndarray:
   """Per-frame maps [N, h, w]: the average over the windows holding the frame.
 
   predict: (frames uint8 [B, T, S, S, 3], waveform f32 [B, T*spf]) -> maps
@@ -396,7 +396,7 @@ def blended_maps(predict: PredictFn, frames: np.ndarray, waveform: np.ndarray, *
       clip_frames = np.stack([sampling.slice_padded(frames, s, window)
                               for s in padded])
       clip_audio = np.stack([sampling.slice_padded(
-          waveform, sampling.audio_window_start(s, fps, sample_rate, 1),
+          waveform, sampling.audio_window_start(s, fps, sample_rate, 1, audio_block),
           window * spf) for s in padded])
       heat = np.asarray(predict(clip_frames, clip_audio), np.float64)
       if total is None:
@@ -614,8 +614,9 @@ def localize_video(run: Run, path: str, out_dir: str | None = None, *,
   video_id = os.path.splitext(os.path.basename(path))[0]
   maps = blended_maps(predict or make_predict(run), letterbox(frames, box), waveform,
                       window=window, stride=stride,
-                      fps=rate, sample_rate=sample_rate,
-                      batch_windows=batch_windows, desc=video_id, progress=progress)
+                      fps=rate, sample_rate=sample_rate, batch_windows=batch_windows,
+                      audio_block=config.input.audio.get('block', 'centred'), desc=video_id,
+                      progress=progress)
   maps = crop_to_picture(maps, box)
 
   # Original frame k (time k / fps) shows the model frame nearest in time.

@@ -25,7 +25,7 @@ from tavlo_jax.data import sampling
 
 
 def small_config(*, stride=1, columns_per_frame=4, features_on='host',
-                 augment=True, num_workers=0):
+                 augment=True, num_workers=0, block='centred'):
   c = config_lib.base_config()
   c.input.num_frames = 4
   c.input.frame_stride = stride
@@ -40,6 +40,7 @@ def small_config(*, stride=1, columns_per_frame=4, features_on='host',
   a.n_mels = 16
   a.fmax = fb.SAMPLE_RATE / 2
   a.features_on = features_on
+  a.block = block
   c.input.augment.enabled = augment
   return c
 
@@ -206,13 +207,19 @@ def test_train_batch_shapes_and_dtypes(train_source, features_on):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
 
 
-@pytest.mark.parametrize('stride,columns_per_frame', [(1, 4), (2, 8)])
+@pytest.mark.parametrize('stride,columns_per_frame,block', [
+    (1, 4, 'centred'), (2, 8, 'centred'), (1, 4, 'trailing'),
+    (2, 8, 'trailing')])
 def test_train_clip_audio_is_aligned_to_its_frames(train_source, stride,
-                                                   columns_per_frame):
-  """Clicks at known frames land at the centre of their frame's samples."""
+                                                   columns_per_frame, block):
+  """Clicks at known frames land at the centre of their frame's samples
+  ('centred'), or just past the end of them ('trailing': block t is the clip
+  frame interval that ends at frame t's time, so a click at that time is the
+  first sample of block t + 1)."""
   kwargs = dict(stride=stride, columns_per_frame=columns_per_frame,
-                augment=False)
+                augment=False, block=block)
   spf = fb.SPF * stride                                # samples per clip frame
+  at = spf // 2 if block == 'centred' else spf         # frame f0's click
   raw = take(pipeline.make_train_iterator(
       small_config(features_on='device', **kwargs), train_source,
       process_index=0, process_count=1), 3)
@@ -235,15 +242,17 @@ def test_train_clip_audio_is_aligned_to_its_frames(train_source, stride,
       assert np.all(frames[..., 1] == 8 * r)
       # Raw window: the click of stored frame f sits at window sample
       # (f - f0)*SPF + spf/2 (the centre of block t for f = fi[t]), i.e. the
-      # window starts at (f0 - stride/2) * SPF exactly.
+      # window starts at (f0 - stride/2) * SPF exactly; trailing: at
+      # (f - f0)*SPF + spf, the window starting at (f0 - stride) * SPF.
       clicks = fb.click_frames(r, fb.num_frames('train', r))
-      expected = [(f - fi[0]) * fb.SPF + spf // 2 for f in clicks]
+      expected = [(f - fi[0]) * fb.SPF + at for f in clicks]
       expected = [x for x in expected if 0 <= x < len(fi) * spf]
       wave = raw_batch['waveform'][i]
       np.testing.assert_array_equal(np.flatnonzero(wave > 0.5), expected)
       assert np.all(wave[expected] == 1.0)
-      if any((x - spf // 2) % spf for x in expected):
-        continue        # a click between clip frames (stride > 1)
+      if any((x - spf // 2) % spf for x in expected) or block == 'trailing':
+        continue        # a click between clip frames (stride > 1) or on a
+        #                 block edge (trailing), whose energy shows in both
       # Log-mel: a click's energy shows only in its frame's column block.
       energy = np.exp(mel_batch['audio'][i]).sum(-1)          # per column
       loud_columns = np.flatnonzero(energy > 5 * np.median(energy))
@@ -251,7 +260,7 @@ def test_train_clip_audio_is_aligned_to_its_frames(train_source, stride,
       np.testing.assert_array_equal(
           loud, [t for t, f in enumerate(fi) if f in clicks])
       clicked_blocks_seen += len(loud)
-  assert clicked_blocks_seen > 0
+  assert clicked_blocks_seen > 0 or block == 'trailing'
 
 
 def test_audio_window_start_matches_workspace_rule():
@@ -259,6 +268,11 @@ def test_audio_window_start_matches_workspace_rule():
   assert sampling.audio_window_start(0, 8.0, 16000, 1) == -1000
   assert sampling.audio_window_start(5, 8.0, 16000, 1) == 9000
   assert sampling.audio_window_start(5, 8.0, 16000, 2) == 8000
+  # Trailing: [(f0 - 1) * spf, ...), a whole clip frame before f0's time.
+  assert sampling.audio_window_start(5, 8.0, 16000, 1, 'trailing') == 8000
+  assert sampling.audio_window_start(5, 8.0, 16000, 2, 'trailing') == 6000
+  with pytest.raises(ValueError, match=r"audio.block='center'.*'centred', 'trailing'"):
+    sampling.audio_window_start(5, 8.0, 16000, 1, 'center')
   x = np.arange(10, dtype=np.float32)
   np.testing.assert_array_equal(sampling.slice_padded(x, -2, 5),
                                 [0, 0, 0, 1, 2])

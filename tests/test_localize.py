@@ -192,7 +192,8 @@ def test_windows_cover_every_frame_and_end_on_the_last(n, window, stride):
   assert starts == sorted(set(starts))
 
 
-def test_blending_averages_windows_and_cuts_audio_as_training_does():
+@pytest.mark.parametrize('block', ['centred', 'trailing'])
+def test_blending_averages_windows_and_cuts_audio_as_training_does(block):
   """A fake model that reports, per frame, the mean of its window's audio
   block and its own position in the window; checked against a float64
   per-frame reference written from WORKSPACE.md's alignment rule."""
@@ -212,14 +213,16 @@ def test_blending_averages_windows_and_cuts_audio_as_training_does():
     return maps
 
   out = localize.blended_maps(fake_predict, frames, waveform, window=window, stride=3,
-                              fps=fps, sample_rate=SR, batch_windows=2, progress=False)
+                              fps=fps, sample_rate=SR, batch_windows=2, audio_block=block,
+                              progress=False)
   assert out.shape == (n, 2, 2)
   assert calls and set(calls) == {2}                  # every call a full batch
   padded = np.concatenate([np.zeros(spf), waveform.astype(np.float64), np.zeros(2 * spf)])
   starts = localize.window_starts(n, window, 3)
   for f in range(n):
-    # Frame f's audio: the spf samples centred on its time f / fps.
-    lo = int(round((f - 0.5) * spf)) + spf
+    # Frame f's audio: the spf samples centred on its time f / fps, or
+    # (trailing) the spf samples that end there.
+    lo = int(round((f - (0.5 if block == 'centred' else 1.0)) * spf)) + spf
     assert out[f, 0, 0] == pytest.approx(padded[lo:lo + spf].mean(), abs=1e-5)
     positions = [f - s for s in starts if s <= f < s + window]
     assert out[f, 1, 0] == pytest.approx(np.mean(positions), abs=1e-6)
@@ -517,7 +520,7 @@ def test_trained_model_points_at_the_sounding_object(tmp_path):
        '--batches=4'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-4000:]
   rows = [line for line in r.stdout.splitlines() if line.startswith('| ')][1:]
-  assert rows and all(line.count('|') == 5 for line in rows), r.stdout
+  assert rows and all(line.count('|') == 7 for line in rows), r.stdout
   assert all(line.split('|')[1].strip().endswith(')') for line in rows), r.stdout
   r = subprocess.run(
       [sys.executable, '-m', 'tavlo_jax.category_probe', f'--checkpoint={tmp_path}/none'],

@@ -337,6 +337,15 @@ def test_rounding_wobble_counts_as_flat_but_a_small_real_spread_does_not():
   wobble[1, 2] = np.nextafter(np.float32(0.12), np.float32(1))
   wobble[0, 0] = np.nextafter(np.float32(0.12), np.float32(0))
   np.testing.assert_array_equal(A(metrics.normalize(wobble)), wobble.max())
+  np.testing.assert_array_equal(reference.normalize(wobble), wobble.max())
+  # Both sides of the 16-epsilon line, float32 implementation against the
+  # float64 reference: 8 ulps of spread is flat, 64 ulps is a (tiny) peak.
+  for ulps, flat in ((8, True), (64, False)):
+    m = np.full((4, 4), 0.5, np.float32)
+    m[2, 1] = 0.5 + ulps * np.spacing(np.float32(0.5))
+    got, ref = A(metrics.normalize(m), np.float64), reference.normalize(m)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert (np.ptp(ref) == 0) == flat and (np.ptp(got) == 0) == flat
   small = np.full((3, 5), 0.12, np.float32)
   small[1, 2] = 0.1201                      # a real (if faint) peak
   p = A(metrics.normalize(small), np.float64)

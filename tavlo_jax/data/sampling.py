@@ -13,6 +13,13 @@ this is exactly `[(f0 - 0.5) * spf, (f0 + T - 0.5) * spf)`. The start is an
 exact integer whenever sample_rate * s / (2 fps) is one (e.g. 16 kHz, 8 fps);
 otherwise it is rounded to the nearest sample.
 
+With `config.input.audio.block = 'trailing'` the window starts half a clip
+frame earlier, at round((f0 - s) * sample_rate / fps): block t is then the
+clip frame interval that ends at frame t's time. Why offer it: a "sounding"
+label holds at the frame's instant (plus a hangover after each note), and a
+centred block also hears the half frame after that instant, where another
+source's note may already have begun (WORKSPACE.md, "Audio alignment").
+
 Records are dicts as decoded by `tfds.data_source` (schema.py); their
 `Sequence` features arrive as Python lists.
 """
@@ -31,10 +38,22 @@ from tavlo_jax.data import audio as audio_lib
 DEFAULT_MAX_INSTANCES = 4
 
 
+AUDIO_BLOCKS = ('centred', 'trailing')
+
+
 def audio_window_start(first_frame: int, fps: float, sample_rate: int,
-                       frame_stride: int) -> int:
-  """First waveform sample of the audio window of a clip starting at f0."""
-  return int(round((first_frame - frame_stride / 2) * sample_rate / fps))
+                       frame_stride: int, block: str = 'centred') -> int:
+  """First waveform sample of the audio window of a clip starting at f0.
+
+  block (`config.input.audio.block`): where frame t's audio block sits
+  around the frame's time: 'centred' (half a clip frame either side) or
+  'trailing' (the clip frame before it, ending at the frame's time).
+  """
+  if block not in AUDIO_BLOCKS:
+    raise ValueError(f'config.input.audio.block={block!r}; expected one of '
+                     f'{AUDIO_BLOCKS}')
+  lead = frame_stride / 2 if block == 'centred' else frame_stride
+  return int(round((first_frame - lead) * sample_rate / fps))
 
 
 def slice_padded(x: np.ndarray, start: int, length: int) -> np.ndarray:
@@ -108,7 +127,7 @@ def cut_clip(record: Mapping[str, Any], first_frame: int, config) -> Clip:
   audio_lib.hop_length(sr, fps, s, config.input.audio.columns_per_frame)
   frames = np.asarray(record['frames'])
   frame_index = clip_frame_indices(first_frame, t, s, len(frames))
-  start = audio_window_start(first_frame, fps, sr, s)
+  start = audio_window_start(first_frame, fps, sr, s, config.input.audio.block)
   waveform = slice_padded(np.asarray(record['waveform'], np.float32), start,
                           t * spf)
   return Clip(gather_frames(frames, frame_index), waveform, frame_index, start)

@@ -21,10 +21,13 @@ ORACLE_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]
 # ---- maps -------------------------------------------------------------------
 
 def normalize(s):
+  """Min-max to [0, 1]. As metrics.normalize documents it: a map whose spread
+  is at most 16 float32 epsilons of its magnitude is float32 rounding, not a
+  peak, and becomes its max everywhere."""
   s = np.asarray(s, np.float64)
   lo, hi = s.min(), s.max()
-  if hi == lo:
-    return s.copy()
+  if hi - lo <= 16 * np.finfo(np.float32).eps * max(abs(hi), abs(lo)):
+    return np.full_like(s, hi)
   return (s - lo) / (hi - lo)
 
 
