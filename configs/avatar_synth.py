@@ -7,12 +7,14 @@ on a 2-core CPU) and prints the per-scenario table (pointing game,
 pointing within one cell, sounding>silent, mean cIoU, AUC, adaptive top-k
 cIoU, Off-screen TN%), a map-sign line and the pointing game per sounding
 category with each one's mean argmax offset and the worst one named. Seed 0
-printed pointing single 81.2 / mixed 90.2 / multi 85.0 / cross_event 85.9,
-Off-screen TN 82.6 (`peak_window` rule; 51.8 per-frame raw max), "Map sign:
-argmax on source 85.20%, argmin on source 1.69%",
-"Worst category: purple capsule (7), pointing 24.23% ...".
-TAVLO here has motion features, out-of-sync audio negatives, 16x16 maps and
-temporal attention over +-1 frame (below; why: WORKSPACE.md, Model);
+printed pointing single 79.8 / mixed 82.9 / multi 84.1 / cross_event 85.7,
+Off-screen TN 93.0 (`peak_window` rule; 48.5 per-frame raw max), "Map sign:
+argmax on source 81.92%, argmin on source 5.25%",
+"Worst category: purple capsule (7), pointing 61.28% ..." (seed 0 is the
+weakest of seeds 0-4; README, Results).
+TAVLO here has motion features (also per 4x4 patch), out-of-sync audio
+negatives, 16x16 maps, temporal attention over +-1 frame and each frame's
+audio taken from the 1/8 s before it (below; why: WORKSPACE.md, Model);
 `configs/paper.py` is the paper's model.
 Variants (text after the colon, `+`-joined):
 
@@ -48,6 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # alone, which anchor each category's peak on its object (WORKSPACE.md,
   # Model). The step is ~1.2x slower, so 400 steps keep the 15-minute budget.
   config.model.fine_stride = 4
+  # ... and each patch's change since the previous frame, so the evidence that
+  # an object acts while it sounds reaches the map at 4 px, on the object's
+  # own pixels, not only through the 8 px tokens (WORKSPACE.md, Model).
+  config.model.fine_motion = True
+  # Frame t's audio is the 1/8 s that ends at frame t, not the 1/8 s centred
+  # on it: a source counts as sounding at the frame's instant (plus a 0.1 s
+  # hangover), and a centred block also hears the next source's onset up to
+  # 62 ms later (WORKSPACE.md, "Audio alignment").
+  config.input.audio.block = 'trailing'
   # Temporal attention over +-1 frame (the base config and the paper: +-2).
   # Mixed-sound clips alternate sources every few frames, and +-2 frames of
   # context let a frame's audio and visual tokens carry the source that

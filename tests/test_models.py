@@ -41,6 +41,7 @@ def tiny_config(variant='runlocal', **model):
   # what a frame reaches by one frame (tested on their own below).
   c.model.motion_features, c.loss.shifted_audio_negatives = False, 0
   c.model.fine_stride = 0                          # maps on the token grid (fine maps: below)
+  c.model.fine_motion = False                      # needs fine maps (tested below)
   for k, v in model.items():
     c.model[k] = v
   return c
