@@ -615,7 +615,7 @@ def localize_video(run: Run, path: str, out_dir: str | None = None, *,
   maps = blended_maps(predict or make_predict(run), letterbox(frames, box), waveform,
                       window=window, stride=stride,
                       fps=rate, sample_rate=sample_rate, batch_windows=batch_windows,
-                      audio_block=config.input.audio.get('block', 'centred'), desc=video_id,
+                      audio_block=config.input.audio.block, desc=video_id,
                       progress=progress)
   maps = crop_to_picture(maps, box)
 
