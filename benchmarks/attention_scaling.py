@@ -15,7 +15,7 @@ per device for the sharded paths. Time is the median of --repeats runs after
 a warm-up. The 8 devices are fake CPU devices sharing this machine's cores,
 so sharded times show overheads, not speed-ups; memory figures are exact.
 
-Targets (issue 11): blockwise memory grows linearly in T; with 8-way
+Targets: blockwise memory grows linearly in T; with 8-way
 sharding, per-device memory at the largest T is at most 1/6 of unsharded.
 """
 

@@ -2,7 +2,7 @@
 # Train-step and attention benchmarks on one NVIDIA GPU, one command, < 8 min.
 #
 #   bash benchmarks/gpu.sh                     # from a fresh clone, repo root
-#   OUT=/tmp/b WHEELS=/path/to/wheelhouse bash benchmarks/gpu.sh   # offline
+#   OUT=gpu_bench WHEELS=/path/to/wheelhouse bash benchmarks/gpu.sh   # offline
 #
 # 1. venv (.venv, or $VENV) with the pinned CPU requirements, then
 #    jax[cuda12]==0.10.2 on top (requirements.txt pins CPU jax only). With

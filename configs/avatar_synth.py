@@ -1,6 +1,6 @@
 r"""TAVLO trained self-supervised on AVATAR-Synth, evaluated per scenario.
 
-  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=/tmp/tavlo
+  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=workdirs/tavlo
 
 builds `avatar_synth/small` if absent (~2 min), trains 400 steps (~11 min
 on a 2-core CPU) and prints the per-scenario table (pointing game,

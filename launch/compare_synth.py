@@ -9,7 +9,7 @@ stopped and restarted. Writes `<out>/comparison.md` (mean +- std over seeds per
 scenario and metric), `<out>/comparison.json` and `<out>/comparison.png` (bars
 per scenario, and the same Multi-entity clip's heat maps for each model).
 
-The `offscreen_hard` row is the issue's Off-screen target: TN% over the
+The `offscreen_hard` row is the hard Off-screen test: TN% over the
 Off-screen frames of clips where a silent instance of the sound's own category
 is in view (the generator's `same_category` variant; the records do not name
 an unseen source's category, so the scene is regenerated from its index), under
@@ -19,7 +19,7 @@ under the per-frame raw-max rule (`TN% per frame`).
 The `single_in_mixed` row is pointing over the Single-sound frames that come
 from Mixed-sound clips (one of the clip's sources sounds at that frame): a
 third of the Single-sound frames, and where Single-sound pointing is lost
-(WORKSPACE.md, Model, "Temporal attention over +-1 frame").
+(docs/research_log.md, "Temporal attention over +-1 frame").
 """
 
 from __future__ import annotations

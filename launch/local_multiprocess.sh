@@ -3,7 +3,7 @@
 # 127.0.0.1 (gloo collectives). Exercises exactly the multi-host code paths
 # (jax.distributed, per-process data shards, Orbax multi-process saves).
 #
-#   launch/local_multiprocess.sh 2 4 --config=configs/avatar_synth.py:runlocal --workdir=/tmp/mp
+#   launch/local_multiprocess.sh 2 4 --config=configs/avatar_synth.py:runlocal --workdir=workdirs/mp
 #
 # Logs: <workdir>/process_<i>.log. Exits non-zero if any process fails.
 set -euo pipefail

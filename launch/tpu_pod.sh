@@ -2,7 +2,7 @@
 # TPU pod slice: the same command on every worker; jax.distributed.initialize()
 # discovers the pod from the TPU runtime (TPU_WORKER_HOSTNAMES etc).
 #
-#   TPU=my-v5e-32 ZONE=us-west4-a launch/tpu_pod.sh --config=configs/avatar.py \
+#   TPU=my-v5e-32 ZONE=us-west4-a launch/tpu_pod.sh --config=configs/paper.py:real \
 #       --workdir=gs://bucket/runs/tavlo
 #
 # First check on any CPU box that the step fits the slice's HBM (no TPU needed;

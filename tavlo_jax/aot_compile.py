@@ -115,7 +115,7 @@ def _tpu_topology(name: str, gen: str, shape: str, num_slices: int) -> Topology:
         f'{LIBTPU_PIP}   (an optional extra; or use --topology=cpu:N)')
   # Off a TPU VM libtpu prints warnings about the TPU metadata it cannot
   # find (accelerator type, worker hostnames); they do not affect compiling.
-  # libtpu also takes /tmp/libtpu_lockfile, so a second process (another
+  # libtpu also takes a lock file per machine, so a second process (another
   # check, a job) would fail with "Internal error when accessing libtpu
   # multi-process lockfile"; compiling never opens the chips, so allow it.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')

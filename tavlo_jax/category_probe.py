@@ -1,6 +1,6 @@
 r"""Why is a category never learned? Its audio against the visual "objectness".
 
-  python -m tavlo_jax.category_probe --checkpoint=workdirs/compare/tavlo_seed0
+  python -m tavlo_jax.category_probe --checkpoint=workdirs/tavlo
 
 runs a trained model over the first `--batches` eval batches and prints, per
 sounding category (the eval batches' `category`), its frames, the component

@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = 'temporal_mil'              # temporal_mil (TAVLO) | ezvsl
   # Bag pooling over locations. peak = max - mean (a source is a small part of
   # the frame; see tavlo_jax/losses.py). The same for both sides, or it can
-  # collapse: max/mean is the paper's summarised form (FINDINGS item 1).
+  # collapse: with max/mean (the paper's summarised form) one peaky token per
+  # frame matches any audio, so max >> mean without using the audio.
   # signed_peak = (max - mean) - (mean - min) also penalises a cold spot
   # (a category whose audio points away from its object; losses.py).
   c.loss.positives = 'peak'                 # a clip's own frame: peak | signed_peak | max | mean

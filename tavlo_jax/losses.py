@@ -10,7 +10,7 @@ Everything is plain jnp over the GLOBAL batch: under jit with a sharded batch
 the negatives are all other clips of the global batch (XLA gathers them).
 
 Why the paper's summarised form (positives max, negatives MEAN) collapses
-(FINDINGS item 1, reproduced in tests/test_losses.py):
+(reproduced in tests/test_losses.py):
   the positive and the negatives are pooled by different statistics of the
   same kind of map, so the model can separate them without the audio. Make
   every frame's visual map have one "peaky" token aligned with a shared
@@ -29,7 +29,7 @@ Why the paper's summarised form (positives max, negatives MEAN) collapses
   audio-independent visual branch trained with another objective); we have
   neither, so it is kept as `negatives='mean'` for the ablation only.
 
-Inverted maps (FINDINGS item 4): max pooling constrains only the arg-max
+Inverted maps: max pooling constrains only the arg-max
 location, and every logit compares audios against each other, so the part of
 the map that is the same for every audio, v . E[a], costs the loss nothing and
 is free to take any shape. In our default model it became "objects are cold":
@@ -61,7 +61,7 @@ blind to timing, for K = 1). Off in the base config (it is not in the
 paper). Alone, at the CPU budget, it lowered pointing on every scenario (250
 steps); with `config.model.motion_features`, which let the visual tokens see
 an instance act, it raised Multi-entity pointing in both seeds measured, and
-the synthetic config turns both on (numbers in WORKSPACE.md, Model).
+the synthetic config turns both on (numbers in docs/research_log.md).
 
 Categories that are never learned. At the CPU budget, pointing per category
 is all or nothing: each seed leaves one to three of the 8 synthetic categories
@@ -72,7 +72,7 @@ direction o (objects vs background), the categories' audio cannot ALL point
 along +o; whichever ends up along -o makes maps that are cold on every object,
 its own included. `python -m tavlo_jax.category_probe` measures both numbers
 per category. On the three TAVLO seeds of the earlier
-default (workdirs/compare_v1), red (never learned) had the
+default (no motion features), red (never learned) had the
 most negative audio component on o in every seed (-0.19, -0.14, -0.25; the
 others -0.11..+0.14). In a run with three stuck categories (red, blue, cyan)
 those three were the only ones whose own-object map was below background
@@ -238,7 +238,7 @@ def map_polarity(heatmap, gt_mask):
   """Mean map value inside the sounding region minus outside, per frame.
 
   heatmap [..., h, w]; gt_mask [..., h, w] (resize one to the other first).
-  Negative on average over annotated frames = inverted maps (FINDINGS item 4).
+  Negative on average over annotated frames = inverted maps.
   Frames with an empty or full mask give NaN; average with jnp.nanmean.
   """
   m = gt_mask.astype(jnp.float32)

@@ -1,7 +1,7 @@
 r"""Entry point: train and/or evaluate TAVLO.
 
-  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=/tmp/tavlo
-  python -m tavlo_jax.main --config=configs/avatar_synth.py:runlocal --workdir=/tmp/t \
+  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=workdirs/tavlo
+  python -m tavlo_jax.main --config=configs/avatar_synth.py:runlocal --workdir=workdirs/smoke \
       --config.train.total_steps=10 --mode=train_and_eval
 """
 

@@ -205,7 +205,7 @@ def test_offscreen_frames_have_no_source_in_view(debug_clips):
         # Off-screen frames come first, then (once in view) Single-sound.
         if len(first_single):
           assert not tags[first_single[0]:, 3].any()
-  assert same_category >= n_off // 2, 'FINDINGS 7: a silent twin must mostly be visible'
+  assert same_category >= n_off // 2, 'a silent twin must mostly be visible'
   assert walk_in >= 1
 
 
@@ -361,7 +361,7 @@ def test_objects_fit_an_8x8_grid_and_move():
   for i in range(20):
     scene = gen.make_scene(cfg, 'test', i)
     for x in scene.instances:
-      assert 14 <= x.diameter <= 22        # FINDINGS 6: 2-3 cells of an 8x8 map
+      assert 14 <= x.diameter <= 22        # 2-3 cells of an 8x8 map
     moving = [np.hypot(x.xs[-1] - x.xs[0], x.ys[-1] - x.ys[0]) for x in scene.instances]
     assert max(moving) > 1.0
 

@@ -2,7 +2,7 @@
 
 Runs against `tests/fixtures/fixture_builder` (a tiny TFDS dataset in the
 shared schema whose frames encode their frame/record index and whose audio
-clicks at known frames), built once per session as array_record.
+clicks at known frames), built once per pytest run as array_record.
 """
 
 from __future__ import annotations

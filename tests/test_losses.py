@@ -175,7 +175,7 @@ def test_sharded_global_batch_gives_the_same_loss():
                                                 True)[0], rtol=1e-5)
 
 
-# --- the collapse of max-positive / mean-negative (FINDINGS item 1) ----------------
+# --- the collapse of max-positive / mean-negative pooling --------------------------
 
 
 def peaky_maps(b=8, t=2, n=16, d=8, seed=0):

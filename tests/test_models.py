@@ -710,7 +710,7 @@ def test_tiny_model_overfits_a_handful_of_clips():
 
 @pytest.mark.slow
 def test_mean_negatives_collapse_in_the_model_with_identical_audio():
-  """FINDINGS item 1 in the real model: every clip gets the SAME audio, so no
+  """The max/mean collapse in the real model: every clip gets the SAME audio, so no
   loss can be lowered by matching sounds; mean negatives still reach ~0.
   (Without audio centring: centred, identical audio is the zero vector and
   no pooling can separate anything.)"""

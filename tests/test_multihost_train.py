@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 # all-reduce in another order, so from the second step on their params may
 # differ by float32 rounding, and the max over a map's locations can turn
 # that into a jump at the next step when two locations nearly tie. Measured
-# with the synthetic default's +-1 frame window (session 10): max |diff| 0
+# with the synthetic default's +-1 frame window: max |diff| 0
 # after step 1, 1.2e-7 after step 2, 1.4e-5 after step 3 (steps 1 and 2
 # alike within one ulp, then a discontinuous jump); with the out-of-sync
 # negatives (more maxima) turned off, step 3 still agreed within the

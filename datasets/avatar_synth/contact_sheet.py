@@ -1,7 +1,7 @@
 """Contact sheet: a few clips per scenario, ground truth outlined, audio below.
 
   python -m tavlo_datasets.avatar_synth.contact_sheet --builder_config=tiny \
-      --data_dir=/tmp/tfds --out=sheet.png
+      --data_dir=./data/tfds --out=sheet.png
   (--source=generator draws the same clips without building the dataset)
 
 Each clip is a row of frames (time runs left to right) with the SOUNDING

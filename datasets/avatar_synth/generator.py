@@ -62,8 +62,8 @@ class SynthConfig:
   seed: int = 0                       # the whole dataset changes with it
 
   # Objects. Diameter in image fractions: 0.22-0.34 is 14-22 px at 64 px, i.e.
-  # 2-3 cells of an 8x8 feature grid (FINDINGS 6: smaller objects cannot be
-  # localised by any 8x8 map).
+  # 2-3 cells of an 8x8 feature grid (smaller objects cannot be localised by
+  # any 8x8 map).
   object_size: tuple[float, float] = (0.22, 0.34)
   drift_speed: float = 0.06           # max centre speed, image sizes per second
   centre_margin: float = 0.1          # centres stay in [m, 1-m]: objects may poke out
@@ -386,8 +386,9 @@ def make_scene(cfg: SynthConfig, split: str, index: int,
                    _audible_schedule(rng, cfg, 0, dur, cfg.event_gap_s), [],
                    silent_ok=False)
     if same:
-      # FINDINGS 7: a visible, SILENT twin of the sounding category, so that
-      # category matching alone gives a false positive.
+      # A visible, SILENT twin of the sounding category, so that category
+      # matching alone gives a false positive (without it, Off-screen frames
+      # are trivially separable even for an image-level model).
       variant = 'same_category'
       add(c, d)
       distractors({c})

@@ -205,7 +205,7 @@ def calibrate(table, target_tpr: float, window: tuple[int, float] = (0, 1.0),
 def map_sign_report(table, margin_pct: float = SIGN_MARGIN_PCT) -> dict:
   """Does the map point at the source with its MAXIMUM or its MINIMUM?
 
-  Max-MIL training does not fix the sign of the map (FINDINGS.md item 4); a
+  Max-MIL training does not fix the sign of the map (losses.py); a
   map whose argmin hits the source more often than its argmax (by more than
   margin_pct points) is flagged inverted.
   """

@@ -10,7 +10,7 @@ TAVLO: D = Df + Dt. The temporal code is concatenated (as in the paper) and
 the tokens stay D wide through the AST blocks and the output heads: no
 projection back to Df, which would only mix the code into the features.
 
-Leak guard (FINDINGS item 2). With cross_modal_attention=False the spatial
+Leak guard. With cross_modal_attention=False the spatial
 step lets the audio token attend only to itself and the visual tokens only to
 visual tokens; the temporal step attends along one token position (the audio
 token is its own position) and the MLP is per token. The visual tokens then
@@ -415,7 +415,7 @@ class AudioCentering(nn.Module):
   """Subtracts the mean audio embedding: of the batch in training, a running
   mean of those at eval (BatchNorm's bookkeeping, without the scaling).
 
-  Why (FINDINGS item 4, inverted maps): the contrastive loss only compares
+  Why (inverted maps): the contrastive loss only compares
   audios against each other, so any part of the map that is the same for
   every audio, v . E[a], costs nothing and drifts freely; in our runs it grew
   into an "objects are cold" pattern that explained ~85% of every map and put
