@@ -12,9 +12,9 @@ top-level sequences of fixed-shape records:
   frames            uint8  [N, H, W, 3]   zlib-compressed, N = clip frames at `fps`
   frame_times       f32    [N]            seconds since the start of the clip
   waveform          f32    [S]            mono, `sample_rate` Hz, starts at t=0
-    (or, with `frame_storage='jpeg'`, `frames_jpeg` + `frame_offsets` and
+    (or, with `frame_storage='h264'` / `'jpeg'`, encoded frames and
     `waveform_pcm16` instead of `frames` and `waveform`: clip_storage.py.
-    Readers go through clip_storage, which accepts both.)
+    Readers go through clip_storage, which accepts every layout.)
   sample_rate       i32    []
   fps               f32    []
   video_id          text
@@ -101,14 +101,23 @@ def _clip_features(frame_storage: str, frame_height: int,
         'waveform': f.Tensor(shape=(None,), dtype=np.float32,
                              encoding=f.Encoding.BYTES),
     }
+  # Encoded layouts: frame sizes follow the source's aspect ratio and live
+  # in the bitstreams.
+  pcm16 = f.Tensor(shape=(None,), dtype=np.int16, encoding=f.Encoding.BYTES)
+  if frame_storage == 'h264':
+    return {
+        'frames_h264': f.Tensor(shape=(None,), dtype=np.uint8,
+                                encoding=f.Encoding.BYTES),
+        'segment_offsets': f.Tensor(shape=(None,), dtype=np.int64),
+        'segment_frames': f.Scalar(dtype=np.int32),
+        'waveform_pcm16': pcm16,
+    }
   if frame_storage == 'jpeg':
-    # Frame sizes vary with the source's aspect ratio: they live in the JPEGs.
     return {
         'frames_jpeg': f.Tensor(shape=(None,), dtype=np.uint8,
                                 encoding=f.Encoding.BYTES),
         'frame_offsets': f.Tensor(shape=(None,), dtype=np.int64),
-        'waveform_pcm16': f.Tensor(shape=(None,), dtype=np.int16,
-                                   encoding=f.Encoding.BYTES),
+        'waveform_pcm16': pcm16,
     }
   raise ValueError(f'frame_storage={frame_storage!r}; expected one of '
                    f'{FRAME_STORAGES}')
@@ -119,8 +128,8 @@ def features(*, frame_height: int = 0, frame_width: int = 0, mask_height: int,
              ) -> tfds.features.FeaturesDict:
   """The FeaturesDict every builder returns from `_info`.
 
-  `frame_storage` 'raw' (frames of a fixed size [H, W]) or 'jpeg' (frame
-  size free, H and W unused): see clip_storage.py.
+  `frame_storage` 'raw' (frames of a fixed size [H, W]), 'h264' or 'jpeg'
+  (frame size free, H and W unused): see clip_storage.py.
   """
   f = tfds.features
   return f.FeaturesDict({

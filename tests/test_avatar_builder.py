@@ -309,7 +309,7 @@ def test_a_named_config_can_switch_only_the_policy(tmp_path):
                     data_dir=str(tmp_path))
   assert builder.builder_config.on_bad_example == 'skip'
   assert builder.builder_config.frame_short_side == 256
-  assert builder.builder_config.jpeg_quality == 85
+  assert builder.builder_config.frame_codec == 'h264'
   assert builder.data_path.parent.name == 'default'
   with pytest.raises(ValueError, match='Cannot name a custom BuilderConfig'):
     Builder(config=AvatarConfig(name='default', frame_short_side=32),

@@ -32,9 +32,14 @@ class VggsoundConfig(tfds.core.BuilderConfig):
   """Which clips and how they are packed. Sizes are (height, width)."""
   ids_file: str = 'vggsound_10k.txt'        # in manual_dir; '' = every clip
   fps: float = 8.0
-  # Stored frames: JPEG, source aspect kept, this short side (random crops
-  # around 224 px stay possible, as the image-level peers train).
+  # Stored frames (clip_storage.py): source aspect kept, this short side
+  # (640x360 -> 456x256: random crops around 224 px stay possible, as the
+  # image-level peers train), encoded as `frame_codec` 'h264' (segments of
+  # `segment_frames`, quality `h264_crf`) or 'jpeg' (`jpeg_quality`).
   frame_short_side: int = 256
+  frame_codec: str = 'h264'
+  h264_crf: int = 25
+  segment_frames: int = 16
   jpeg_quality: int = 85
   mask_size: tuple[int, int] = (360, 640)   # only shapes the (empty) masks
   sample_rate: int = 16000
@@ -42,7 +47,9 @@ class VggsoundConfig(tfds.core.BuilderConfig):
 
   def __post_init__(self):
     self.frame_short_side = int(self.frame_short_side)
-    self.jpeg_quality = int(self.jpeg_quality)
+    if self.frame_codec not in ('h264', 'jpeg'):
+      raise ValueError(f"frame_codec={self.frame_codec!r}; expected 'h264' "
+                       "or 'jpeg'")
     self.mask_size = tuple(int(v) for v in self.mask_size)
     check_policy(self.on_bad_example)
 
@@ -115,14 +122,13 @@ def collect_clips(manual_dir: epath.Path, ids_file: str,
   return clips
 
 
-def process_clip(clip: tuple[str, str], *, fps: float, frame_short_side: int,
-                 jpeg_quality: int, mask_size, sample_rate: int):
+def process_clip(clip: tuple[str, str], *, fps: float, storage: dict,
+                 mask_size, sample_rate: int):
   """Decodes one clip: yields (id, record)."""
   clip_id, path = clip
   try:
-    record = clip_storage.read_clip(path, fps=fps, short_side=frame_short_side,
-                                    jpeg_quality=jpeg_quality,
-                                    sample_rate=sample_rate)
+    record = clip_storage.read_clip(path, fps=fps, sample_rate=sample_rate,
+                                    **storage)
   except BadExample as e:
     e.example_id = clip_id
     raise
@@ -138,9 +144,9 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
-      '2.0.0': 'Frames stored one JPEG each (short side `frame_short_side`, '
-               'aspect kept, `jpeg_quality`) and the waveform as 16-bit PCM '
-               '(clip_storage.py); 1.0.0 records must be rebuilt.',
+      '2.0.0': 'Frames stored as H.264 segments or one JPEG each '
+               '(`frame_codec`; short side `frame_short_side`, aspect kept) '
+               'and the waveform as 16-bit PCM (clip_storage.py); 1.0.0 records must be rebuilt.',
   }
   BUILDER_CONFIGS = [
       VggsoundConfig(name='10k', ids_file='vggsound_10k.txt',
@@ -164,7 +170,7 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         features=schema.features(
             mask_height=c.mask_size[0], mask_width=c.mask_size[1],
-            frame_storage='jpeg'),
+            frame_storage=c.frame_codec),
         homepage='https://www.robots.ox.ac.uk/~vgg/data/vggsound/',
     )
 
@@ -177,8 +183,8 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
           f'missing. Expected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     clips = collect_clips(manual_dir, c.ids_file, self.skip_log())
     process = functools.partial(
-        process_clip, fps=c.fps, frame_short_side=c.frame_short_side,
-        jpeg_quality=c.jpeg_quality, mask_size=c.mask_size,
+        process_clip, fps=c.fps, storage=clip_storage.options_of(c),
+        mask_size=c.mask_size,
         sample_rate=c.sample_rate)
     return {'train': self._generate_examples(clips, process)}
 
