@@ -155,7 +155,7 @@ def stored_bytes(builder) -> dict:
     key = 'frames_h264' if clip_storage.storage_of(record) == 'h264' else (
         'frames_jpeg')
     frames += len(record[key])
-    audio += 2 * len(record['waveform_pcm16'])
+    audio += len(record['waveform_flac'])
   return dict(files=files, frames=frames, audio=audio)
 
 

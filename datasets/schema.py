@@ -13,7 +13,7 @@ top-level sequences of fixed-shape records:
   frame_times       f32    [N]            seconds since the start of the clip
   waveform          f32    [S]            mono, `sample_rate` Hz, starts at t=0
     (or, with `frame_storage='h264'` / `'jpeg'`, encoded frames and
-    `waveform_pcm16` instead of `frames` and `waveform`: clip_storage.py.
+    `waveform_flac` instead of `frames` and `waveform`: clip_storage.py.
     Readers go through clip_storage, which accepts every layout.)
   sample_rate       i32    []
   fps               f32    []
@@ -103,21 +103,21 @@ def _clip_features(frame_storage: str, frame_height: int,
     }
   # Encoded layouts: frame sizes follow the source's aspect ratio and live
   # in the bitstreams.
-  pcm16 = f.Tensor(shape=(None,), dtype=np.int16, encoding=f.Encoding.BYTES)
+  flac = f.Tensor(shape=(None,), dtype=np.uint8, encoding=f.Encoding.BYTES)
   if frame_storage == 'h264':
     return {
         'frames_h264': f.Tensor(shape=(None,), dtype=np.uint8,
                                 encoding=f.Encoding.BYTES),
         'segment_offsets': f.Tensor(shape=(None,), dtype=np.int64),
         'segment_frames': f.Scalar(dtype=np.int32),
-        'waveform_pcm16': pcm16,
+        'waveform_flac': flac,
     }
   if frame_storage == 'jpeg':
     return {
         'frames_jpeg': f.Tensor(shape=(None,), dtype=np.uint8,
                                 encoding=f.Encoding.BYTES),
         'frame_offsets': f.Tensor(shape=(None,), dtype=np.int64),
-        'waveform_pcm16': pcm16,
+        'waveform_flac': flac,
     }
   raise ValueError(f'frame_storage={frame_storage!r}; expected one of '
                    f'{FRAME_STORAGES}')

@@ -112,6 +112,25 @@ def test_waveform_is_the_source_audio_within_16_bit_rounding(built):
   assert stored.dtype == np.float32 and stored.shape == reference.shape
   np.testing.assert_allclose(stored, np.clip(reference, -1, 1),
                              atol=0.5 / 32767 + 1e-7)
+  # A window (what an example reads) is that slice, zero-padded outside.
+  n = len(reference)
+  for start, length in ((1000, 500), (-300, 800), (n - 200, 700)):
+    expected = np.zeros(length, np.float32)
+    lo, hi = max(start, 0), min(start + length, n)
+    expected[lo - start:hi - start] = stored[lo:hi]
+    np.testing.assert_array_equal(
+        clip_storage.waveform_window(record, start, length), expected)
+
+
+def test_corrupt_audio_names_the_record(built):
+  builder, _ = built
+  record = dict(builder.as_data_source('train')[0])
+  data = np.asarray(record['waveform_flac']).copy()
+  data[:64] = 0
+  record['waveform_flac'] = data
+  with pytest.raises(ValueError,
+                     match=r"record 'textured': the audio \(FLAC\) does not"):
+    sampling.cut_clip(record, 4, paper_like_config())
 
 
 def test_only_the_clip_frames_are_decoded(built, monkeypatch):

@@ -248,9 +248,10 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
       '1.0.0': 'Initial release.',
       '2.0.0': 'Frames stored as H.264 segments or one JPEG each '
                '(`frame_codec`; short side `frame_short_side`, aspect kept) '
-               'and the waveform as 16-bit PCM (clip_storage.py); Off-screen annotations without a polygon '
-               'kept as non-sounding instances with their category and an '
-               'empty mask. 1.0.0 records must be rebuilt.',
+               'and the waveform as 16-bit FLAC (clip_storage.py); Off-screen '
+               'annotations without a polygon kept as non-sounding instances '
+               'with their category and an empty mask. 1.0.0 records must be '
+               'rebuilt.',
   }
   BUILDER_CONFIGS = [
       AvatarConfig(name='default', description='8 fps, H.264 frames with '

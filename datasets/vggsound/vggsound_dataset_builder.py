@@ -146,7 +146,8 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
       '1.0.0': 'Initial release.',
       '2.0.0': 'Frames stored as H.264 segments or one JPEG each '
                '(`frame_codec`; short side `frame_short_side`, aspect kept) '
-               'and the waveform as 16-bit PCM (clip_storage.py); 1.0.0 records must be rebuilt.',
+               'and the waveform as 16-bit FLAC (clip_storage.py); 1.0.0 '
+               'records must be rebuilt.',
   }
   BUILDER_CONFIGS = [
       VggsoundConfig(name='10k', ids_file='vggsound_10k.txt',

@@ -122,7 +122,7 @@ def cut_clip(record: Mapping[str, Any], first_frame: int, config) -> Clip:
   frame_index = clip_frame_indices(first_frame, t, s,
                                    clip_storage.num_frames(record))
   start = audio_window_start(first_frame, fps, sr, s, config.input.audio.block)
-  waveform = slice_padded(clip_storage.waveform(record), start, t * spf)
+  waveform = clip_storage.waveform_window(record, start, t * spf)
   # Decodes only the T frames of the clip (clip_storage.py).
   return Clip(clip_storage.gather_frames(record, frame_index), waveform,
               frame_index, start)
