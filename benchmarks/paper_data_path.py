@@ -135,9 +135,10 @@ def builder_for(codec: str, data_dir):
 
 def build(codec: str, manual, data_dir) -> tuple:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  old = pathlib.Path(builder_for(codec, data_dir).data_dir).parent
+  if old.exists():
+    shutil.rmtree(old)   # time a fresh build
   builder = builder_for(codec, data_dir)
-  if pathlib.Path(builder.data_dir).parent.exists():
-    shutil.rmtree(pathlib.Path(builder.data_dir).parent)   # time a fresh build
   with Meter() as m:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual)),
@@ -334,6 +335,21 @@ def main(argv):
           f"{row['wall_s']:.1f} |", flush=True)
   results['pipeline'] = rows
   per_core = max(r['clips_per_cpu_s'] for r in rows)
+  # What the augmentation costs: the same pipeline (0 workers) without the
+  # colour jitter, and without any augmentation (a full-frame resize only).
+  variants = []
+  for label, settings in (('no colour jitter', dict(color_jitter=0.0)),
+                          ('no augmentation', dict(enabled=False))):
+    c = copy.deepcopy(config)
+    for key, value in settings.items():
+      c.input.augment[key] = value
+    row = pipeline_rate(c, source, 0)
+    row['variant'] = label
+    variants.append(row)
+    print(f"| 0, {label} | {row['clips_per_cpu_s']:.1f} | "
+          f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
+          f"{row['wall_s']:.1f} |", flush=True)
+  results['pipeline_variants'] = variants
 
   text, per_example_ms, shares = profile_examples(config, source)
   print(f'\n## what limits it: cProfile of {FLAGS.profile_examples} examples '
