@@ -132,10 +132,15 @@ def features(*, frame_height: int = 0, frame_width: int = 0, mask_height: int,
   (frame size free, H and W unused): see clip_storage.py.
   """
   f = tfds.features
+  clip = _clip_features(frame_storage, frame_height, frame_width)
+  audio_keys = [k for k in clip if k.startswith('waveform')]
+  # Key order as before the encoded layouts: the 'raw' records stay
+  # byte-identical.
   return f.FeaturesDict({
       'video_id': f.Text(),
-      **_clip_features(frame_storage, frame_height, frame_width),
+      **{k: v for k, v in clip.items() if k not in audio_keys},
       'frame_times': f.Tensor(shape=(None,), dtype=np.float32),
+      **{k: clip[k] for k in audio_keys},
       'sample_rate': f.Scalar(dtype=np.int32),
       'fps': f.Scalar(dtype=np.float32),
       'original_width': f.Scalar(dtype=np.int32),
