@@ -57,6 +57,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+import accelerator_peaks  # noqa: E402  (next to this script)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {
     'cpu': 'configs/avatar_synth.py',
@@ -66,11 +68,7 @@ CONFIGS = {
 # Reductions applied on a CPU only (batch, image_size); None keeps the config's.
 CPU_SHRINK = {'cpu': (None, None), 'paper': (2, None), 'long': (1, 64)}
 # Dense bf16 TFLOP/s per chip, vendor figures. Matched on device_kind, in order.
-PEAKS_TFLOPS = (
-    ('H100 PCIe', 756.0), ('H100', 989.0), ('H200', 989.0), ('GH200', 989.0),
-    ('A100', 312.0), ('TPU v5 lite', 197.0), ('TPU v5e', 197.0),
-    ('TPU v5p', 459.0), ('TPU v5', 459.0), ('TPU v4', 275.0),
-)
+PEAKS_TFLOPS = accelerator_peaks.PEAKS_TFLOPS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', ['cpu', 'paper', 'long'],

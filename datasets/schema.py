@@ -12,6 +12,9 @@ top-level sequences of fixed-shape records:
   frames            uint8  [N, H, W, 3]   zlib-compressed, N = clip frames at `fps`
   frame_times       f32    [N]            seconds since the start of the clip
   waveform          f32    [S]            mono, `sample_rate` Hz, starts at t=0
+    (or, with `frame_storage='h264'` / `'jpeg'`, encoded frames and
+    `waveform_flac` instead of `frames` and `waveform`: clip_storage.py.
+    Readers go through clip_storage, which accepts every layout.)
   sample_rate       i32    []
   fps               f32    []
   video_id          text
@@ -33,7 +36,9 @@ top-level sequences of fixed-shape records:
       sounding      bool   this instance is a sound source at this frame
 
 Off-screen frames have an entry in `frames_annotated` and usually no sounding
-instance; the ground-truth map of a frame is the union of the masks of its
+instance. What is heard off screen keeps its category: an instance with
+`sounding=False`, an all-zero mask and box [0, 0, 0, 0] (it is in no pixel,
+so it changes no ground-truth map); the ground-truth map of a frame is the union of the masks of its
 sounding instances.
 """
 
@@ -41,6 +46,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from tavlo_datasets.clip_storage import FRAME_STORAGES
 
 # Scenario order is part of the schema: `tags` is multi-hot in this order.
 SCENARIOS = ('single', 'mixed', 'multi', 'offscreen')
@@ -81,18 +88,59 @@ def tags_to_multihot(tags) -> np.ndarray:
   return out
 
 
-def features(*, frame_height: int, frame_width: int, mask_height: int,
-             mask_width: int) -> tfds.features.FeaturesDict:
-  """The FeaturesDict every builder returns from `_info`."""
+def _clip_features(frame_storage: str, frame_height: int,
+                   frame_width: int) -> dict:
+  """The frame and waveform features of a storage layout (clip_storage.py)."""
   f = tfds.features
+  # BYTES/ZLIB: TFDS would otherwise serialise each sample/pixel as one
+  # protobuf list element (measured 2x slower builds).
+  if frame_storage == 'raw':
+    return {
+        'frames': f.Tensor(shape=(None, frame_height, frame_width, 3),
+                           dtype=np.uint8, encoding=f.Encoding.ZLIB),
+        'waveform': f.Tensor(shape=(None,), dtype=np.float32,
+                             encoding=f.Encoding.BYTES),
+    }
+  # Encoded layouts: frame sizes follow the source's aspect ratio and live
+  # in the bitstreams.
+  flac = f.Tensor(shape=(None,), dtype=np.uint8, encoding=f.Encoding.BYTES)
+  if frame_storage == 'h264':
+    return {
+        'frames_h264': f.Tensor(shape=(None,), dtype=np.uint8,
+                                encoding=f.Encoding.BYTES),
+        'segment_offsets': f.Tensor(shape=(None,), dtype=np.int64),
+        'segment_frames': f.Scalar(dtype=np.int32),
+        'waveform_flac': flac,
+    }
+  if frame_storage == 'jpeg':
+    return {
+        'frames_jpeg': f.Tensor(shape=(None,), dtype=np.uint8,
+                                encoding=f.Encoding.BYTES),
+        'frame_offsets': f.Tensor(shape=(None,), dtype=np.int64),
+        'waveform_flac': flac,
+    }
+  raise ValueError(f'frame_storage={frame_storage!r}; expected one of '
+                   f'{FRAME_STORAGES}')
+
+
+def features(*, frame_height: int = 0, frame_width: int = 0, mask_height: int,
+             mask_width: int, frame_storage: str = 'raw'
+             ) -> tfds.features.FeaturesDict:
+  """The FeaturesDict every builder returns from `_info`.
+
+  `frame_storage` 'raw' (frames of a fixed size [H, W]), 'h264' or 'jpeg'
+  (frame size free, H and W unused): see clip_storage.py.
+  """
+  f = tfds.features
+  clip = _clip_features(frame_storage, frame_height, frame_width)
+  audio_keys = [k for k in clip if k.startswith('waveform')]
+  # Key order as before the encoded layouts: the 'raw' records stay
+  # byte-identical.
   return f.FeaturesDict({
       'video_id': f.Text(),
-      'frames': f.Tensor(shape=(None, frame_height, frame_width, 3),
-                         dtype=np.uint8, encoding=f.Encoding.ZLIB),
+      **{k: v for k, v in clip.items() if k not in audio_keys},
       'frame_times': f.Tensor(shape=(None,), dtype=np.float32),
-      # BYTES/ZLIB: TFDS would otherwise serialise each sample/pixel as one
-      # protobuf list element (measured 2x slower builds).
-      'waveform': f.Tensor(shape=(None,), dtype=np.float32, encoding=f.Encoding.BYTES),
+      **{k: clip[k] for k in audio_keys},
       'sample_rate': f.Scalar(dtype=np.int32),
       'fps': f.Scalar(dtype=np.float32),
       'original_width': f.Scalar(dtype=np.int32),

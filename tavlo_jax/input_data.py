@@ -14,6 +14,7 @@ import time
 import jax
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from tavlo_jax.data import pipeline
@@ -47,11 +48,33 @@ def build_command(config, builder) -> str:
           + f' --data_dir={d.data_dir} --file_format=array_record{manual}')
 
 
+def older_versions(builder) -> list[str]:
+  """Versions of this dataset/config in its data_dir other than the code's."""
+  config_dir = epath.Path(builder.data_dir).parent
+  if not config_dir.is_dir():
+    return []
+  return sorted(d.name for d in config_dir.iterdir()
+                if d.name != str(builder.version)
+                and (d / 'dataset_info.json').exists())
+
+
 def ensure_built(config, builder) -> None:
-  """Builds synthetic data if absent (process 0; the others wait)."""
+  """Builds synthetic data if absent (process 0; the others wait).
+
+  A dataset built only by another version of its builder is refused (its
+  records may have another layout): one line that says to rebuild.
+  """
   if builder.is_prepared():
     return
   d = config.dataset
+  older = older_versions(builder)
+  if older and builder.name != 'avatar_synth':
+    raise SystemExit(
+        f'{builder.info.full_name}: {d.data_dir} holds only version(s) '
+        f'{", ".join(older)} of {builder.name}/{builder.builder_config.name}, '
+        f'which this code does not read (it reads {builder.version}: '
+        f'{builder.RELEASE_NOTES.get(str(builder.version), "")}). Rebuild it: '
+        f'{build_command(config, builder)}')
   if not (d.build_if_missing and builder.name == 'avatar_synth'):
     raise SystemExit(
         f'{builder.info.full_name} is not built in {d.data_dir}. Build it with:\n'

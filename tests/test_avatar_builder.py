@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fixtures import avatar_release as fixture
+from tavlo_datasets import clip_storage
 from tavlo_datasets import media
 from tavlo_datasets import robustness
 from tavlo_datasets import schema
@@ -16,12 +17,14 @@ from tavlo_datasets.avatar import annotations as ann_lib
 from tavlo_datasets.robustness import BadExample
 
 FPS = 8.0
-FRAME_SIZE = (24, 32)
+SHORT_SIDE = 24
+FRAME_SIZE = (24, 32)     # the fixture's 64x48 mp4s at short side 24
 MASK_SIZE = (36, 64)
 
 
 def make_builder(data_dir, policy='raise', name='test') -> Builder:
-  return Builder(config=AvatarConfig(name=name, fps=FPS, frame_size=FRAME_SIZE,
+  return Builder(config=AvatarConfig(name=name, fps=FPS,
+                                     frame_short_side=SHORT_SIDE,
                                      mask_size=MASK_SIZE,
                                      on_bad_example=policy),
                  data_dir=str(data_dir))
@@ -71,7 +74,7 @@ def test_one_record_per_video_in_the_test_split(built):
 
 def test_categories_are_collected_sorted(built):
   assert built.info.metadata['categories'] == [
-      'dog barking', 'playing drums', 'playing piano']
+      'dog barking', 'man speaking', 'playing drums', 'playing piano']
 
 
 @pytest.mark.parametrize('video', fixture.default_videos(),
@@ -79,7 +82,9 @@ def test_categories_are_collected_sorted(built):
 def test_clip_fields(built, video):
   record = records_by_id(built)[video.video_id]
   num_out = int(np.ceil(video.duration * FPS - 1e-9))
-  assert record['frames'].shape == (num_out, *FRAME_SIZE, 3)
+  frames = clip_storage.gather_frames(record, np.arange(num_out))
+  assert clip_storage.num_frames(record) == num_out
+  assert frames.shape == (num_out, *FRAME_SIZE, 3)
   # Each stored frame is the source frame nearest to k / FPS, except that
   # the slot nearest to an annotated frame shows that frame (float64 ref).
   source_times = np.arange(video.num_frames) / video.fps
@@ -90,14 +95,14 @@ def test_clip_fields(built, video):
                        1)
   levels = np.asarray([fixture.frame_value(i) for i in
                        range(video.num_frames)])
-  means = record['frames'].reshape(num_out, -1).mean(1)
+  means = frames.reshape(num_out, -1).mean(1)
   np.testing.assert_array_equal(
       np.abs(means[:, None] - levels).argmin(1), expected)
   np.testing.assert_allclose(record['frame_times'], source_times[expected],
                              atol=1e-5)
   # Audio: 16 kHz mono, trimmed to the stream's length, the written tone.
   assert int(record['sample_rate']) == 16000 and float(record['fps']) == FPS
-  wave = record['waveform']
+  wave = clip_storage.waveform(record)
   assert wave.shape == (int(round(video.duration * 16000)),)
   t = np.arange(len(wave)) / 16000
   reference = 0.3 * np.sin(2 * np.pi * video.tone_hz * t)
@@ -129,8 +134,9 @@ def test_annotated_frames(built, video):
   np.testing.assert_array_equal(index, np.floor(times * FPS + 0.5))
   np.testing.assert_allclose(record['frame_times'][index], times, atol=1e-5)
   levels = [fixture.frame_value(f) for f in frames]
-  np.testing.assert_allclose(record['frames'][index].mean((1, 2, 3)), levels,
-                             atol=3)
+  np.testing.assert_allclose(
+      clip_storage.gather_frames(record, index).mean((1, 2, 3)), levels,
+      atol=3)
   for tags, frame in zip(annotated['tags'], frames):
     np.testing.assert_array_equal(tags,
                                   expected_tags(video.annotations[frame]))
@@ -179,6 +185,10 @@ def test_instances_masks_boxes_categories(built, video):
     for item in content['annotations']:
       if 'segmentation' in item:
         expected.append((index, item, content))
+  visible = np.asarray(instances['mask']).reshape(
+      len(instances['mask']), -1).any(1)
+  instances = {k: [v for v, keep in zip(values, visible) if keep]
+               for k, values in instances.items()}
   assert len(instances['mask']) == len(expected)
   mh, mw = MASK_SIZE
   for i, (index, item, content) in enumerate(expected):
@@ -239,14 +249,35 @@ def test_polygon_through_boundary_pixel_centres_fills_back_to_the_mask():
       mask)
 
 
-def test_offscreen_frame_has_the_tag_and_no_sounding_instance(built):
+def test_offscreen_frame_has_the_tag_and_keeps_what_is_heard(built):
   record = records_by_id(built)['vid_b']
   annotated = record['frames_annotated']
   (offscreen,) = [i for i, f in enumerate(annotated['frame_id'])
                   if f == b'vid_b/20']
   np.testing.assert_array_equal(annotated['tags'][offscreen],
                                 [False, False, False, True])
-  assert offscreen not in list(record['instances']['annotation_index'])
+  instances = record['instances']
+  # One instance for the named off-screen source, none for the unnamed one.
+  (i,) = np.flatnonzero(np.asarray(instances['annotation_index']) == offscreen)
+  assert instances['category_name'][i] == b'man speaking'
+  assert instances['category'][i] == built.info.metadata['categories'].index(
+      'man speaking')
+  assert not instances['sounding'][i]
+  assert not instances['mask'][i].any()
+  np.testing.assert_array_equal(instances['box'][i], [0, 0, 0, 0])
+
+
+def test_offscreen_instance_changes_no_ground_truth(built):
+  # The kept category is in no pixel and sounds nowhere in view.
+  from tavlo_jax.data import sampling  # pylint: disable=g-import-not-at-top
+  record = records_by_id(built)['vid_b']
+  (frame,) = [int(f) for f, i in zip(record['frames_annotated']['frame_index'],
+                                     record['frames_annotated']['frame_id'])
+              if i == b'vid_b/20']
+  out = sampling.window_annotations(record, np.asarray([frame]), [frame],
+                                    MASK_SIZE, 4)
+  assert out['ann_valid'][0] and not out['gt_mask'].any()
+  assert not out['any_mask'].any() and out['category'][0] == -1
 
 
 def test_zipped_release_gives_the_same_records(built, tmp_path):
@@ -277,10 +308,11 @@ def test_a_named_config_can_switch_only_the_policy(tmp_path):
   builder = Builder(config=AvatarConfig(name='default', on_bad_example='skip'),
                     data_dir=str(tmp_path))
   assert builder.builder_config.on_bad_example == 'skip'
-  assert builder.builder_config.frame_size == (224, 224)
+  assert builder.builder_config.frame_short_side == 256
+  assert builder.builder_config.frame_codec == 'h264'
   assert builder.data_path.parent.name == 'default'
   with pytest.raises(ValueError, match='Cannot name a custom BuilderConfig'):
-    Builder(config=AvatarConfig(name='default', frame_size=(32, 32)),
+    Builder(config=AvatarConfig(name='default', frame_short_side=32),
             data_dir=str(tmp_path))
 
 
@@ -400,7 +432,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, name):
   assert sorted(records) == ['good']
   assert len(records['good']['instances']['mask']) == 1
   summary = json.loads(
-      (tmp_path / 'data' / 'avatar' / 'test' / '1.0.0' /
+      (tmp_path / 'data' / 'avatar' / 'test' / str(Builder.VERSION) /
        robustness.SUMMARY_FILE).read_text())
   assert summary['on_bad_example'] == 'skip'
   assert summary['num_skipped'] == 1 and summary['by_kind'] == {kind: 1}

@@ -585,3 +585,19 @@ def test_eval_batches_are_deterministic_and_device_mode_pads(test_source):
   assert last['waveform'].shape == (6, 4 * fb.SPF)
   assert np.all(last['waveform'][~last['valid']] == 0)
   assert 'spec_time_mask' not in last
+
+
+def test_color_jitter_is_the_plain_formula_bit_for_bit():
+  # Reference: the out-of-place formula (float64, as numpy promotes the
+  # float64 factors), against the in-place implementation.
+  frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), np.uint8)
+  for seed in range(4):
+    b, c, s = np.random.default_rng(seed).uniform(0.6, 1.4, size=3)
+    x = frames.astype(np.float32) * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    x = (x - grey) * s + grey
+    expected = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(
+        augment_lib.color_jitter(frames, np.random.default_rng(seed), 0.4),
+        expected)

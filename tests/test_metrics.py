@@ -351,3 +351,27 @@ def test_rounding_wobble_counts_as_flat_but_a_small_real_spread_does_not():
   p = A(metrics.normalize(small), np.float64)
   np.testing.assert_allclose(p, reference.normalize(small), atol=1e-6)
   assert p.max() == 1.0 and p.min() == 0.0
+
+
+@pytest.mark.parametrize('n', [5, 8, 19])    # under, at and over a chunk
+def test_avatar_protocol_in_chunks_matches_float64_reference(n):
+  """The chunked AVATAR protocol (upsample, min-max, p > t at 0.1/0.15/0.2:
+  cIoU and pIA) against the per-frame float64 loop, and bit for bit against
+  the same steps on the whole batch at once."""
+  rng = np.random.default_rng(n)
+  thresholds = (0.1, 0.15, 0.2)
+  heat = np.tanh(rng.normal(size=(n, 4, 6))).astype(np.float32)
+  heat[0] = 0.5                                    # a flat map too
+  gt = _blobs(rng, n, 36, 64)
+  ciou, pia = (A(x) for x in jax.jit(
+      lambda h, g: metrics.avatar_protocol(h, g, thresholds))(heat, gt))
+  for i in range(n):
+    p = reference.normalize(reference.resize(heat[i], (36, 64), 'bilinear'))
+    np.testing.assert_allclose(ciou[i], [reference.ciou(p > t, gt[i])
+                                         for t in thresholds], atol=1e-5)
+    np.testing.assert_allclose(pia[i], [reference.pia(p > t)
+                                        for t in thresholds], atol=1e-5)
+  whole = jax.jit(lambda h, g: metrics.scores_above_thresholds(
+      metrics.normalize(metrics.upsample(h, (36, 64))), g, thresholds))
+  for got, want in zip((ciou, pia), whole(heat, gt)):
+    np.testing.assert_array_equal(got, A(want))

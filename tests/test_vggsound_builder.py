@@ -7,12 +7,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fixtures import avatar_release as fixture
+from tavlo_datasets import clip_storage
 from tavlo_datasets import robustness
 from tavlo_datasets.robustness import BadExample
 from tavlo_datasets.vggsound import Builder, VggsoundConfig
 
 FPS = 5.0
-FRAME_SIZE = (16, 24)
+SHORT_SIDE = 16
 MASK_SIZE = (9, 16)
 
 CLIPS = [
@@ -26,7 +27,7 @@ CLIPS = [
 def make_builder(data_dir, policy='raise', ids_file='ids.txt') -> Builder:
   return Builder(
       config=VggsoundConfig(name='test', ids_file=ids_file, fps=FPS,
-                            frame_size=FRAME_SIZE, mask_size=MASK_SIZE,
+                            frame_short_side=SHORT_SIDE, mask_size=MASK_SIZE,
                             on_bad_example=policy),
       data_dir=str(data_dir))
 
@@ -69,24 +70,26 @@ def test_only_listed_clips_in_the_train_split(built):
 def test_clip_fields(built, clip):
   record = records_by_id(built)[clip.video_id]
   num_out = int(np.ceil(clip.duration * FPS - 1e-9))
-  assert record['frames'].shape == (num_out, *FRAME_SIZE, 3)
+  frames = clip_storage.gather_frames(record, np.arange(num_out))
+  # Short side 16, the aspect of the source kept (rounded to even).
+  h, w = clip.size
+  assert frames.shape == (num_out, 16, 2 * round(w * 8 / h), 3)
   source_times = np.arange(clip.num_frames) / clip.fps
   grid = np.arange(num_out) / FPS
   expected = np.argmin(np.round(np.abs(grid[:, None] - source_times), 9), 1)
   levels = np.asarray([fixture.frame_value(i)
                        for i in range(clip.num_frames)])
-  means = record['frames'].reshape(num_out, -1).mean(1)
+  means = frames.reshape(num_out, -1).mean(1)
   np.testing.assert_array_equal(np.abs(means[:, None] - levels).argmin(1),
                                 expected)
   np.testing.assert_allclose(record['frame_times'], source_times[expected],
                              atol=1e-5)
   assert int(record['sample_rate']) == 16000 and float(record['fps']) == FPS
-  wave = record['waveform']
+  wave = clip_storage.waveform(record)
   assert wave.shape == (int(round(clip.duration * 16000)),)
   t = np.arange(len(wave)) / 16000
   reference = 0.3 * np.sin(2 * np.pi * clip.tone_hz * t)
   assert np.corrcoef(wave[800:-800], reference[800:-800])[0, 1] > 0.98
-  h, w = clip.size
   assert (int(record['original_width']), int(record['original_height'])) == (
       w, h)
   # Same schema as avatar, with nothing annotated.
@@ -108,8 +111,8 @@ def test_csv_of_paths_gives_the_same_records(built, tmp_path):
   a, b = records_by_id(built), records_by_id(other)
   assert sorted(b) == sorted(a)
   for key in a:
-    np.testing.assert_array_equal(a[key]['frames'], b[key]['frames'])
-    np.testing.assert_array_equal(a[key]['waveform'], b[key]['waveform'])
+    for field in ('frames_h264', 'segment_offsets', 'waveform_flac'):
+      np.testing.assert_array_equal(a[key][field], b[key][field])
 
 
 def test_empty_ids_file_means_every_clip(tmp_path):
@@ -183,7 +186,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, name):
   breaker(manual)
   builder = build(manual, tmp_path / 'data', policy='skip')
   assert sorted(records_by_id(builder)) == ['clip_a']
-  summary = json.loads((tmp_path / 'data' / 'vggsound' / 'test' / '1.0.0' /
+  summary = json.loads((tmp_path / 'data' / 'vggsound' / 'test' / str(Builder.VERSION) /
                         robustness.SUMMARY_FILE).read_text())
   assert summary['num_skipped'] == 1 and summary['by_kind'] == {kind: 1}
   (skipped,) = summary['skipped']

@@ -12,9 +12,11 @@ One file per annotated frame, `metadata/<video_id>/<frame>.json`:
 
 Every annotated instance in AVATAR is a sound source. An instance whose `task`
 is Off-Screen contributes the tag; its source is not in view, so it needs no
-`segmentation` and then yields no instance (if it does carry a polygon, it is
-kept as a visible, non-sounding instance: an Off-Screen frame has no sounding
-instance). A top-level `task` (string or list) is accepted too. A frame may
+`segmentation`. Without one it yields a non-sounding instance with no
+polygons (an empty mask, box [0, 0, 0, 0]) that keeps its
+`audio_visual_category`, if it names one; with one it is kept as a visible,
+non-sounding instance. Either way an Off-Screen frame has no sounding
+instance. A top-level `task` (string or list) is accepted too. A frame may
 carry several tags. `<frame>` is the frame number in
 the source mp4 (counted from 0); its time is frame / (mp4's frame rate).
 
@@ -107,6 +109,13 @@ def _check_polygon(polygon, path, where: str, width: int, height: int):
   return coords
 
 
+def _instance_id(item: dict) -> int:
+  instance_id = item.get('instance_id', -1)
+  if isinstance(instance_id, bool) or not isinstance(instance_id, int):
+    return -1
+  return instance_id
+
+
 def parse_frame_json(path, text: str | bytes, video_id: str) -> FrameAnnotation:
   """Parses and validates one `metadata/<video_id>/<frame>.json`."""
   stem = str(path).rsplit('/', 1)[-1].rsplit('.', 1)[0]
@@ -139,7 +148,14 @@ def parse_frame_json(path, text: str | bytes, video_id: str) -> FrameAnnotation:
     tags += item_tags
     offscreen = item_tags == ['offscreen']
     if offscreen and not item.get('segmentation'):
-      continue   # the source is not in view: a tag, no instance
+      # Heard, not in view: no pixels, but what is heard is kept.
+      category = item.get('audio_visual_category')
+      if isinstance(category, str) and category.strip():
+        instances.append(Instance(
+            polygons=(), box=(0.0, 0.0, 0.0, 0.0),
+            category_name=category.strip(),
+            instance_id=_instance_id(item), sounding=False))
+      continue
     polygons = _field(item, 'segmentation', path, where)
     if not isinstance(polygons, list) or not polygons:
       raise BadExample(path, 'missing_field',
@@ -159,12 +175,9 @@ def parse_frame_json(path, text: str | bytes, video_id: str) -> FrameAnnotation:
       raise BadExample(path, 'missing_field',
                        f'{where}.audio_visual_category should be a non-empty '
                        f'string, got {category!r}')
-    instance_id = item.get('instance_id', -1)
-    if isinstance(instance_id, bool) or not isinstance(instance_id, int):
-      instance_id = -1
     instances.append(Instance(polygons=polygons, box=box,
                               category_name=category.strip(),
-                              instance_id=instance_id,
+                              instance_id=_instance_id(item),
                               sounding=not offscreen))
   if not tags:
     raise BadExample(path, 'missing_field',

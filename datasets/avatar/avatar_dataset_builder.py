@@ -22,6 +22,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tavlo_datasets import clip_storage
 from tavlo_datasets import media
 from tavlo_datasets import schema
 from tavlo_datasets.avatar import annotations as ann_lib
@@ -33,7 +34,15 @@ from tavlo_datasets.robustness import check_policy
 class AvatarConfig(tfds.core.BuilderConfig):
   """How the release is packed. Sizes are (height, width)."""
   fps: float = 8.0                           # decoded frame rate
-  frame_size: tuple[int, int] = (224, 224)   # stored frames are resized to it
+  # Stored frames (clip_storage.py): source aspect kept, this short side
+  # (640x360 -> 456x256: random crops around 224 px stay possible, as the
+  # image-level peers train), encoded as `frame_codec` 'h264' (segments of
+  # `segment_frames`, quality `h264_crf`) or 'jpeg' (`jpeg_quality`).
+  frame_short_side: int = 256
+  frame_codec: str = 'h264'
+  h264_crf: int = 25
+  segment_frames: int = 16
+  jpeg_quality: int = 85
   mask_size: tuple[int, int] = (360, 640)    # the official 640x360 evaluation
   sample_rate: int = 16000                   # mono waveform rate
   # Category list: empty = every `audio_visual_category` in the metadata,
@@ -44,7 +53,10 @@ class AvatarConfig(tfds.core.BuilderConfig):
 
   def __post_init__(self):
     # JSON configs (`tfds build --config '{...}'`) give lists.
-    self.frame_size = tuple(int(v) for v in self.frame_size)
+    self.frame_short_side = int(self.frame_short_side)
+    if self.frame_codec not in ('h264', 'jpeg'):
+      raise ValueError(f"frame_codec={self.frame_codec!r}; expected 'h264' "
+                       "or 'jpeg'")
     self.mask_size = tuple(int(v) for v in self.mask_size)
     self.categories = tuple(self.categories)
     check_policy(self.on_bad_example)
@@ -172,7 +184,7 @@ def process_video(item: VideoItem, **options):
   yield item.video_id, record
 
 
-def _video_record(item: VideoItem, *, fps: float, frame_size, mask_size,
+def _video_record(item: VideoItem, *, fps: float, storage: dict, mask_size,
                   sample_rate: int, categories: tuple[str, ...]) -> dict:
   info = media.video_info(item.path)
   # The JSON's frame number counts source frames from 0.
@@ -186,8 +198,9 @@ def _video_record(item: VideoItem, *, fps: float, frame_size, mask_size,
           f'({info.duration:.3f}s)')
   # Pinned: each annotated source frame is one of the stored frames, so its
   # masks match its pixels exactly.
-  record = media.read_clip(item.path, fps=fps, frame_size=frame_size,
-                           sample_rate=sample_rate, pinned_times=times)
+  record = clip_storage.read_clip(
+      item.path, fps=fps, sample_rate=sample_rate, pinned_times=times,
+      **storage)
   frame_times = record['frame_times'].astype(np.float64)
   slot_times = np.arange(len(frame_times)) / fps
   frames_annotated = collections.defaultdict(list)
@@ -230,13 +243,22 @@ def _video_record(item: VideoItem, *, fps: float, frame_size, mask_size,
 class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
   """AVATAR: 5,000 VGGSound videos with per-frame audio-visual annotations."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '2.0.0': 'Frames stored as H.264 segments or one JPEG each '
+               '(`frame_codec`; short side `frame_short_side`, aspect kept) '
+               'and the waveform as 16-bit FLAC (clip_storage.py); Off-screen '
+               'annotations without a polygon kept as non-sounding instances '
+               'with their category and an empty mask. 1.0.0 records must be '
+               'rebuilt.',
+  }
   BUILDER_CONFIGS = [
-      AvatarConfig(name='default', description='8 fps, 224x224 frames, '
+      AvatarConfig(name='default', description='8 fps, H.264 frames with '
+                   'short side 256, 640x360 masks'),
+      AvatarConfig(name='small', frame_short_side=128,
+                   description='8 fps, H.264 frames with short side 128, '
                    '640x360 masks'),
-      AvatarConfig(name='small', frame_size=(128, 128),
-                   description='8 fps, 128x128 frames, 640x360 masks'),
   ]
   DEFAULT_CONFIG_NAME = 'default'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -253,8 +275,8 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     return self.dataset_info_from_configs(
         features=schema.features(
-            frame_height=c.frame_size[0], frame_width=c.frame_size[1],
-            mask_height=c.mask_size[0], mask_width=c.mask_size[1]),
+            mask_height=c.mask_size[0], mask_width=c.mask_size[1],
+            frame_storage=c.frame_codec),
         metadata=tfds.core.MetadataDict(),
         homepage='https://huggingface.co/datasets/mipal/AVATAR',
     )
@@ -270,7 +292,7 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
         for instance in annotation.instances}))
     self.info.metadata['categories'] = list(categories)
     process = functools.partial(
-        process_video, fps=c.fps, frame_size=c.frame_size,
+        process_video, fps=c.fps, storage=clip_storage.options_of(c),
         mask_size=c.mask_size, sample_rate=c.sample_rate,
         categories=categories)
     return {'test': self._generate_examples(items, process)}

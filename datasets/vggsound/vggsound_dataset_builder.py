@@ -18,6 +18,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tavlo_datasets import clip_storage
 from tavlo_datasets import media
 from tavlo_datasets import schema
 from tavlo_datasets.robustness import BadExample, RobustBuilderMixin, SkipLog
@@ -31,13 +32,24 @@ class VggsoundConfig(tfds.core.BuilderConfig):
   """Which clips and how they are packed. Sizes are (height, width)."""
   ids_file: str = 'vggsound_10k.txt'        # in manual_dir; '' = every clip
   fps: float = 8.0
-  frame_size: tuple[int, int] = (224, 224)
+  # Stored frames (clip_storage.py): source aspect kept, this short side
+  # (640x360 -> 456x256: random crops around 224 px stay possible, as the
+  # image-level peers train), encoded as `frame_codec` 'h264' (segments of
+  # `segment_frames`, quality `h264_crf`) or 'jpeg' (`jpeg_quality`).
+  frame_short_side: int = 256
+  frame_codec: str = 'h264'
+  h264_crf: int = 25
+  segment_frames: int = 16
+  jpeg_quality: int = 85
   mask_size: tuple[int, int] = (360, 640)   # only shapes the (empty) masks
   sample_rate: int = 16000
   on_bad_example: str = 'raise'             # 'raise' | 'skip' (robustness.py)
 
   def __post_init__(self):
-    self.frame_size = tuple(int(v) for v in self.frame_size)
+    self.frame_short_side = int(self.frame_short_side)
+    if self.frame_codec not in ('h264', 'jpeg'):
+      raise ValueError(f"frame_codec={self.frame_codec!r}; expected 'h264' "
+                       "or 'jpeg'")
     self.mask_size = tuple(int(v) for v in self.mask_size)
     check_policy(self.on_bad_example)
 
@@ -110,13 +122,13 @@ def collect_clips(manual_dir: epath.Path, ids_file: str,
   return clips
 
 
-def process_clip(clip: tuple[str, str], *, fps: float, frame_size, mask_size,
-                 sample_rate: int):
+def process_clip(clip: tuple[str, str], *, fps: float, storage: dict,
+                 mask_size, sample_rate: int):
   """Decodes one clip: yields (id, record)."""
   clip_id, path = clip
   try:
-    record = media.read_clip(path, fps=fps, frame_size=frame_size,
-                             sample_rate=sample_rate)
+    record = clip_storage.read_clip(path, fps=fps, sample_rate=sample_rate,
+                                    **storage)
   except BadExample as e:
     e.example_id = clip_id
     raise
@@ -129,8 +141,14 @@ def process_clip(clip: tuple[str, str], *, fps: float, frame_size, mask_size,
 class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
   """VGGSound clips (video + audio, no labels) for self-supervised training."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '2.0.0': 'Frames stored as H.264 segments or one JPEG each '
+               '(`frame_codec`; short side `frame_short_side`, aspect kept) '
+               'and the waveform as 16-bit FLAC (clip_storage.py); 1.0.0 '
+               'records must be rebuilt.',
+  }
   BUILDER_CONFIGS = [
       VggsoundConfig(name='10k', ids_file='vggsound_10k.txt',
                      description='The 10k training ids of the AVATAR release'),
@@ -152,8 +170,8 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     return self.dataset_info_from_configs(
         features=schema.features(
-            frame_height=c.frame_size[0], frame_width=c.frame_size[1],
-            mask_height=c.mask_size[0], mask_width=c.mask_size[1]),
+            mask_height=c.mask_size[0], mask_width=c.mask_size[1],
+            frame_storage=c.frame_codec),
         homepage='https://www.robots.ox.ac.uk/~vgg/data/vggsound/',
     )
 
@@ -166,8 +184,9 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
           f'missing. Expected layout:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     clips = collect_clips(manual_dir, c.ids_file, self.skip_log())
     process = functools.partial(
-        process_clip, fps=c.fps, frame_size=c.frame_size,
-        mask_size=c.mask_size, sample_rate=c.sample_rate)
+        process_clip, fps=c.fps, storage=clip_storage.options_of(c),
+        mask_size=c.mask_size,
+        sample_rate=c.sample_rate)
     return {'train': self._generate_examples(clips, process)}
 
   def _generate_examples(self, clips, process):

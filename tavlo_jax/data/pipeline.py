@@ -40,6 +40,7 @@ import grain
 import jax
 import numpy as np
 
+from tavlo_datasets import clip_storage
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import augment as augment_lib
 from tavlo_jax.data import sampling
@@ -129,7 +130,7 @@ class _TrainExample:
     start_rng, video_rng, audio_rng = (
         np.random.default_rng(s) for s in
         np.random.SeedSequence([self.seed, epoch, record_index]).spawn(3))
-    num_stored = len(record['frames'])
+    num_stored = clip_storage.num_frames(record)
     first = sampling.random_first_frame(num_stored, config, start_rng)
     clip = sampling.cut_clip(record, first, config)
 
@@ -231,7 +232,7 @@ def plan_eval_windows(config, data_source) -> list[sampling.EvalWindow]:
   for r in range(len(data_source)):
     record = data_source[r]
     windows += sampling.eval_windows(
-        r, len(record['frames']), sampling.annotated_frames(record),
+        r, clip_storage.num_frames(record), sampling.annotated_frames(record),
         config.input.num_frames, config.input.frame_stride)
   return windows
 

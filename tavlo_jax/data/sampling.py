@@ -31,6 +31,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 from PIL import Image
 
+from tavlo_datasets import clip_storage
 from tavlo_datasets import schema
 from tavlo_jax.data import audio as audio_lib
 
@@ -70,13 +71,6 @@ def clip_frame_indices(first_frame: int, num_frames: int, frame_stride: int,
   """i32 [T] stored-frame indices of the clip; -1 past the end of the video."""
   idx = first_frame + frame_stride * np.arange(num_frames)
   return np.where(idx < num_stored, idx, -1).astype(np.int32)
-
-
-def gather_frames(frames: np.ndarray, frame_index: np.ndarray) -> np.ndarray:
-  """[T, H, W, 3] frames at `frame_index`; black frames where it is -1."""
-  out = frames[np.maximum(frame_index, 0)]
-  out[frame_index < 0] = 0
-  return out
 
 
 def resize_frames(frames: np.ndarray, size: int,
@@ -125,12 +119,13 @@ def cut_clip(record: Mapping[str, Any], first_frame: int, config) -> Clip:
   t, s = config.input.num_frames, config.input.frame_stride
   spf = audio_lib.samples_per_frame(sr, fps, s)
   audio_lib.hop_length(sr, fps, s, config.input.audio.columns_per_frame)
-  frames = np.asarray(record['frames'])
-  frame_index = clip_frame_indices(first_frame, t, s, len(frames))
+  frame_index = clip_frame_indices(first_frame, t, s,
+                                   clip_storage.num_frames(record))
   start = audio_window_start(first_frame, fps, sr, s, config.input.audio.block)
-  waveform = slice_padded(np.asarray(record['waveform'], np.float32), start,
-                          t * spf)
-  return Clip(gather_frames(frames, frame_index), waveform, frame_index, start)
+  waveform = clip_storage.waveform_window(record, start, t * spf)
+  # Decodes only the T frames of the clip (clip_storage.py).
+  return Clip(clip_storage.gather_frames(record, frame_index), waveform,
+              frame_index, start)
 
 
 def random_first_frame(num_stored: int, config,

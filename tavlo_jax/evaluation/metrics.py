@@ -281,11 +281,17 @@ def ciou(pred, gt):
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
 
+# Up to this many thresholds are unrolled (XLA fuses their passes over the
+# map); more (the oracle's 19) go one at a time through lax.map, which keeps
+# memory at one map and the program small.
+_UNROLLED_THRESHOLDS = 4
+
+
 def _counts_above(p, gt, thresholds):
   """Per threshold t: (sum(g * [p > t]), #{p > t, g == 0}, #{p > t}) -> 3 x [..., T].
 
-  One threshold at a time (lax.map) keeps memory at one map and the program
-  small however many thresholds there are.
+  All three are sums of 0/1 (or 0.5-multiple) values, exact in float32, so
+  the unrolled and the lax.map forms give the same numbers.
   """
   gt = jnp.asarray(gt, jnp.float32)
 
@@ -295,6 +301,9 @@ def _counts_above(p, gt, thresholds):
             (above & (gt == 0)).sum(axis=(-2, -1)).astype(jnp.float32),
             above.sum(axis=(-2, -1)).astype(jnp.float32))
 
+  if len(thresholds) <= _UNROLLED_THRESHOLDS:
+    out = [counts(jnp.float32(t)) for t in thresholds]
+    return tuple(jnp.stack(x, axis=-1) for x in zip(*out))
   out = jax.lax.map(counts, jnp.asarray(thresholds, jnp.float32))
   return tuple(jnp.moveaxis(x, 0, -1) for x in out)
 
@@ -305,6 +314,38 @@ def scores_above_thresholds(p, gt, thresholds: Sequence[float]):
   union = _sum_hw(jnp.asarray(gt, jnp.float32))[..., None] + background
   ciou_t = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
   return ciou_t, above / (p.shape[-2] * p.shape[-1])
+
+
+# Frames evaluated at once: 8 maps of 640x360 float32 (7 MB) stay close to
+# the cache, a whole batch does not, and on a CPU these passes are bound by
+# memory bandwidth (BENCHMARKS.md, "Evaluation metrics").
+CHUNK_FRAMES = 8
+
+
+def over_frame_chunks(fn, *arrays, chunk: int = CHUNK_FRAMES):
+  """fn(*arrays) for per-frame fn on [N, ...] arrays, `chunk` frames at a
+  time (lax.map; N padded with zeros to a multiple). Any pytree out."""
+  n = arrays[0].shape[0]
+  if n <= chunk:
+    return fn(*arrays)
+  padded = -(-n // chunk) * chunk
+  def split(x):
+    x = jnp.pad(x, [(0, padded - n)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((padded // chunk, chunk) + x.shape[1:])
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in arrays))
+  return jax.tree.map(lambda y: y.reshape((padded,) + y.shape[2:])[:n], out)
+
+
+def avatar_protocol(s, gt, thresholds: Sequence[float],
+                    interpolation: str = 'bilinear'):
+  """AVATAR's fixed-threshold scores of raw maps s [N, h, w] against gt
+  [N, H, W]: upsample to (H, W), min-max normalise, p > t: (cIoU, pIA), each
+  [N, len(thresholds)]. Evaluated CHUNK_FRAMES frames at a time."""
+  size = gt.shape[-2:]
+  def scores(s, gt):
+    return scores_above_thresholds(normalize(upsample(s, size, interpolation)),
+                                   gt, thresholds)
+  return over_frame_chunks(scores, s, gt)
 
 
 def ciou_above_thresholds(p, gt, thresholds: Sequence[float]):

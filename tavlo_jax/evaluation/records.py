@@ -59,7 +59,29 @@ FIELDS = {
 def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str,
                  with_oracle: bool = True, silent=None) -> dict:
   """Scores of N frames: heatmap [N, h, w] raw cosine, gt [N, H, W] weights;
-  silent [N, H, W]: the visible silent instances (None: silent_margin NaN)."""
+  silent [N, H, W]: the visible silent instances (None: silent_margin NaN).
+
+  Every score is per frame; they are computed metrics.CHUNK_FRAMES frames at
+  a time, which keeps the full-size maps near the cache. (The silent margin
+  alone is computed on the whole batch, as before chunking: its float sums
+  came out a rounding apart in chunks, and the tables must not move.)
+  """
+  out = metrics.over_frame_chunks(
+      lambda h, g: _frame_scores(h, g, thresholds=thresholds,
+                                 interpolation=interpolation,
+                                 with_oracle=with_oracle), heatmap, gt)
+  if silent is None:
+    out['silent_margin'] = jnp.full(out['gt_pixels'].shape, jnp.nan)
+  else:
+    finite = jnp.isfinite(heatmap).all(axis=(-2, -1))
+    up = metrics.upsample(jnp.where(finite[:, None, None], heatmap, 0.0),
+                          gt.shape[-2:], interpolation)
+    out['silent_margin'] = metrics.sounding_silent_margin(up, gt, silent)
+  return out
+
+
+def _frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str,
+                  with_oracle: bool) -> dict:
   size = gt.shape[-2:]
   finite = jnp.isfinite(heatmap).all(axis=(-2, -1))
   heatmap = jnp.where(finite[:, None, None], heatmap, 0.0)   # keep NaN out of sorts
@@ -82,8 +104,6 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
       'hit': metrics.pointing_hit(up, gt),
       'min_hit': metrics.pointing_min_hit(up, gt),
       'hit_1cell': hit_1cell, 'point_dy': point_dy, 'point_dx': point_dx,
-      'silent_margin': (jnp.full(k.shape, jnp.nan) if silent is None else
-                        metrics.sounding_silent_margin(up, gt, silent)),
       'raw_max': up.max(axis=(-2, -1)),
       'raw_min': up.min(axis=(-2, -1)),
       'raw_mean': metrics.map_mean(up),

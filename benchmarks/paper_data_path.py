@@ -1,0 +1,389 @@
+r"""Paper-scale data path on camera-like content: storage, build, pipeline, demand.
+
+  python benchmarks/paper_data_path.py                       # everything
+  python benchmarks/paper_data_path.py --clips=4 --workers=0,1 --batches=4
+  python benchmarks/paper_data_path.py --gflop_per_clip=273.6  # skip the compile
+
+1. Fixture: --clips VGGSound-like mp4s written here (tests/fixtures/
+   natural_video.py: 1/f colour texture, camera pan and shake, moving
+   textured blobs, sensor noise; 640x360 H.264 at 600 kbit/s, 25/30 fps;
+   AAC stereo 128 kbit/s at 44.1/48 kHz), 10 s each.
+2. Storage and build, per --codecs entry (`h264:<crf>` or `jpeg:<quality>`):
+   the `vggsound` builder (8 fps, short side 256, 16 kHz) from the mp4s to
+   array_record; bytes on disk per second of video against the mp4s', and
+   builder clips per CPU-second; the cost of decoding one T=16 clip.
+3. Training pipeline (`configs/paper.py:real`: 224 px, T=16, 128 mels,
+   augmentation on, log-mel on the device so the pipeline ships waveforms)
+   for each --workers count: clips per CPU-second of this process and its
+   grain workers together (the machine may be shared: CPU time, not wall
+   time, is the per-core rate), and wall clips/s beside it. Then a cProfile
+   of the same per-example work in one thread: what limits the rate.
+4. Demand: clips/s one accelerator consumes at 40% MFU from the FLOPs per
+   clip of the compiled paper train step (`tavlo_jax.aot_compile`, batch 2
+   on this CPU; --gflop_per_clip skips the compile), and the host cores each
+   would need at the measured per-core rate.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import copy
+import importlib.util
+import io
+import json
+import os
+import pathlib
+import pstats
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import psutil
+
+import accelerator_peaks  # next to this script
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'tests'))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('configs', ['paper'], 'only `paper` (224 px, T=16, 128 mels)')
+flags.DEFINE_integer('clips', 6, 'fixture clips (10 s each)')
+flags.DEFINE_float('seconds', 10.0, 'length of each fixture clip')
+flags.DEFINE_list('codecs', ['h264:25', 'h264:23', 'jpeg:85', 'jpeg:75'],
+                  'frame layouts to build: h264:<crf> or jpeg:<quality>; '
+                  'the first one feeds the pipeline rows')
+flags.DEFINE_list('workers', ['0', '1', '2'], 'grain worker counts')
+flags.DEFINE_integer('batches', 6, 'timed batches per pipeline row')
+flags.DEFINE_integer('batch_size', 16, 'host batch of the pipeline rows')
+flags.DEFINE_integer('profile_examples', 48, 'examples in the cProfile run')
+flags.DEFINE_float('gflop_per_clip', 0.0, 'train step GFLOP per clip '
+                   '(0: compile the paper step here and read its cost)')
+flags.DEFINE_float('mfu', 0.4, 'model FLOP utilisation of the demand table')
+flags.DEFINE_string('fixture_dir', '/tmp/tavlo_paper_data_path',
+                    'where the mp4s and the built records go')
+flags.DEFINE_string('json_out', '', 'also write the results here')
+
+
+def cpu_seconds() -> float:
+  """User + system CPU of this process and all its live descendants."""
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+class Meter:
+  """Wall and CPU seconds (process + descendants) of a `with` block."""
+
+  def __enter__(self):
+    self.wall0, self.cpu0 = time.perf_counter(), cpu_seconds()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.wall0
+    self.cpu = cpu_seconds() - self.cpu0
+
+
+def load_config(spec: str):
+  path, _, variant = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('cfg', REPO / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)
+
+
+# ---- 1. fixture ---------------------------------------------------------------
+
+
+def write_fixture(root: pathlib.Path):
+  from fixtures import natural_video  # pylint: disable=g-import-not-at-top
+  specs = natural_video.fixture_specs(FLAGS.clips, FLAGS.seconds)
+  manual = root / 'mp4'
+  manual.mkdir(parents=True, exist_ok=True)
+  for spec in specs:
+    path = manual / f'{spec.name}.mp4'
+    if not path.exists():
+      natural_video.write_clip(path, spec)
+  paths = [manual / f'{s.name}.mp4' for s in specs]
+  return manual, paths, sum(s.seconds for s in specs)
+
+
+# ---- 2. storage and build -----------------------------------------------------
+
+
+def builder_for(codec: str, data_dir):
+  from tavlo_datasets.vggsound import Builder, VggsoundConfig  # pylint: disable=g-import-not-at-top
+  kind, _, value = codec.partition(':')
+  if kind == 'h264':
+    options = dict(frame_codec='h264', h264_crf=int(value or 25))
+  elif kind == 'jpeg':
+    options = dict(frame_codec='jpeg', jpeg_quality=int(value or 85))
+  else:
+    raise app.UsageError(f'--codecs entry {codec!r}: expected h264:<crf> or '
+                         'jpeg:<quality>')
+  name = codec.replace(':', '_')
+  return Builder(config=VggsoundConfig(name=f'bench_{name}', ids_file='',
+                                       **options), data_dir=str(data_dir))
+
+
+def build(codec: str, manual, data_dir) -> tuple:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  old = pathlib.Path(builder_for(codec, data_dir).data_dir).parent
+  if old.exists():
+    shutil.rmtree(old)   # time a fresh build
+  builder = builder_for(codec, data_dir)
+  with Meter() as m:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)),
+        file_format='array_record')
+  return builder, m
+
+
+def stored_bytes(builder) -> dict:
+  """Bytes of the array_record files, and of frames / audio inside them."""
+  from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
+  files = sum(p.stat().st_size for p in pathlib.Path(builder.data_dir).glob(
+      '*.array_record*'))
+  frames = audio = 0
+  for record in builder.as_data_source('train'):
+    key = 'frames_h264' if clip_storage.storage_of(record) == 'h264' else (
+        'frames_jpeg')
+    frames += len(record[key])
+    audio += len(record['waveform_flac'])
+  return dict(files=files, frames=frames, audio=audio)
+
+
+def clip_decode_ms(builder, config) -> tuple[float, float]:
+  """CPU ms to decode the T frames of a random clip (and the PSNR cost)."""
+  from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
+  from tavlo_jax.data import sampling  # pylint: disable=g-import-not-at-top
+  source = builder.as_data_source('train')
+  rng = np.random.default_rng(0)
+  records = [source[i] for i in range(len(source))]
+  reps = 40
+  t0 = time.process_time()
+  for k in range(reps):
+    record = records[k % len(records)]
+    first = sampling.random_first_frame(clip_storage.num_frames(record),
+                                        config, rng)
+    clip_storage.gather_frames(record, sampling.clip_frame_indices(
+        first, config.input.num_frames, config.input.frame_stride,
+        clip_storage.num_frames(record)))
+  return 1e3 * (time.process_time() - t0) / reps
+
+
+def psnr_vs_source(builder, paths) -> float:
+  """Mean PSNR (dB) of the stored frames against the source decoded at the
+  same size and times (what the codec loses)."""
+  from tavlo_datasets import clip_storage, media  # pylint: disable=g-import-not-at-top
+  source = builder.as_data_source('train')
+  by_id = {r['video_id'].decode(): r for r in source}
+  values = []
+  for path in paths[:2]:
+    record = by_id[path.stem]
+    n = clip_storage.num_frames(record)
+    stored = clip_storage.gather_frames(record, np.arange(n))
+    reference, _, _ = media.read_video(path, 8.0, stored.shape[1:3])
+    mse = np.mean((stored.astype(np.float64) - reference) ** 2)
+    values.append(10 * np.log10(255.0 ** 2 / mse))
+  return float(np.mean(values))
+
+
+# ---- 3. training pipeline -----------------------------------------------------
+
+
+def paper_config():
+  c = load_config('configs/paper.py:real')
+  c.input.batch_size = FLAGS.batch_size
+  c.input.audio.features_on = 'device'
+  return c
+
+
+def pipeline_rate(config, source, workers: int) -> dict:
+  from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c = copy.deepcopy(config)
+  c.input.num_workers = workers
+  it = pipeline.make_train_iterator(c, source, process_index=0,
+                                    process_count=1)
+  for _ in range(max(workers, 1) * c.input.prefetch + 1):   # steady state
+    next(it)
+  with Meter() as m:
+    for _ in range(FLAGS.batches):
+      next(it)
+  if hasattr(it, 'close'):
+    it.close()
+  clips = FLAGS.batches * c.input.batch_size
+  return dict(workers=workers, clips_per_cpu_s=clips / m.cpu,
+              clips_per_wall_s=clips / m.wall, cpu_s=m.cpu, wall_s=m.wall)
+
+
+def profile_examples(config, source) -> tuple[str, float, dict]:
+  """cProfile of the per-example work (`_TrainExample`) in one thread."""
+  from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  example = pipeline._TrainExample(source, config, 0)  # pylint: disable=protected-access
+  n = FLAGS.profile_examples
+  example((0, 0))
+  profiler = cProfile.Profile(time.process_time)   # CPU, not wall, time
+  t0 = time.process_time()
+  profiler.enable()
+  for i in range(n):
+    example((0, i % len(source)))
+  profiler.disable()
+  per_example_ms = 1e3 * (time.process_time() - t0) / n
+  stats = pstats.Stats(profiler)
+  # Shares of named stages (cumulative time of the function that does each).
+  stages = {
+      'read record (array_record + TFDS deserialise)': '__getitem__',
+      'H.264/JPEG decode + YUV->RGB (clip_storage)': 'gather_frames',
+      'crop + resize to 224 (PIL)': 'resize_frames',
+      'colour jitter (numpy)': 'color_jitter',
+      'audio window + SpecAugment masks': '_audio_outputs',
+  }
+  shares = {}
+  for label, func in stages.items():
+    cum = max((v[3] for k, v in stats.stats.items() if k[2] == func),
+              default=0.0)
+    shares[label] = 1e3 * cum / n
+  out = io.StringIO()
+  pstats.Stats(profiler, stream=out).sort_stats('tottime').print_stats(12)
+  return out.getvalue(), per_example_ms, shares
+
+
+# ---- 4. demand ----------------------------------------------------------------
+
+
+def gflop_per_clip() -> tuple[float, str]:
+  if FLAGS.gflop_per_clip > 0:
+    return FLAGS.gflop_per_clip, '--gflop_per_clip'
+  from tavlo_jax import aot_compile  # pylint: disable=g-import-not-at-top
+  c = load_config('configs/paper.py:synth')
+  c.input.batch_size = 2
+  c.mesh.fsdp = 1
+  c.mesh.data = -1
+  report = aot_compile.analyse(c, aot_compile.get_topology('cpu:1'))
+  flops = report.flops * report.num_devices / c.input.batch_size
+  return flops / 1e9, ('XLA cost analysis of the compiled paper train step '
+                       '(configs/paper.py:synth, batch 2, cpu:1)')
+
+
+# ---- report -------------------------------------------------------------------
+
+
+def main(argv):
+  del argv
+  if FLAGS.configs != ['paper']:
+    raise app.UsageError('--configs: only `paper` is measured here')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  root = pathlib.Path(FLAGS.fixture_dir)
+  results = {'machine': f'{os.cpu_count()} cores, load '
+                        f'{os.getloadavg()[0]:.1f} at start'}
+  with Meter() as m:
+    manual, paths, seconds = write_fixture(root)
+  mp4_bytes = sum(p.stat().st_size for p in paths)
+  print(f'## fixture: {len(paths)} clips, {seconds:.0f} s of 640x360 video, '
+        f'{mp4_bytes / 1e6:.2f} MB of mp4 ({mp4_bytes / seconds / 1e3:.1f} '
+        f'KB/s); written in {m.wall:.0f} s (0 if it existed)')
+  config = paper_config()
+
+  print('\n## storage and build (vggsound builder: 8 fps, short side 256, '
+        '16 kHz; one process)')
+  print('| frames | KB per s of video | x source mp4 | of which frames / audio '
+        '| PSNR vs source dB | build clips per CPU-s | build clips/s wall '
+        '| decode T=16 clip CPU ms |')
+  print('|---|---|---|---|---|---|---|---|')
+  builds = {}
+  for codec in FLAGS.codecs:
+    builder, meter = build(codec, manual, root / 'data')
+    size = stored_bytes(builder)
+    row = dict(codec=codec, kb_per_s=size['files'] / seconds / 1e3,
+               ratio=size['files'] / mp4_bytes,
+               frames_kb_per_s=size['frames'] / seconds / 1e3,
+               audio_kb_per_s=size['audio'] / seconds / 1e3,
+               psnr=psnr_vs_source(builder, paths),
+               build_clips_per_cpu_s=len(paths) / meter.cpu,
+               build_clips_per_wall_s=len(paths) / meter.wall,
+               decode_ms=clip_decode_ms(builder, config))
+    builds[codec] = (builder, row)
+    print(f"| {codec} | {row['kb_per_s']:.1f} | {row['ratio']:.2f}x | "
+          f"{row['frames_kb_per_s']:.1f} / {row['audio_kb_per_s']:.1f} | "
+          f"{row['psnr']:.1f} | {row['build_clips_per_cpu_s']:.2f} | "
+          f"{row['build_clips_per_wall_s']:.2f} | {row['decode_ms']:.1f} |",
+          flush=True)
+  results['storage'] = [row for _, row in builds.values()]
+
+  codec = FLAGS.codecs[0]
+  source = builds[codec][0].as_data_source('train')
+  print(f'\n## training pipeline, configs/paper.py:real (224 px, T=16, '
+        f'128 mels, augmentation on, log-mel on the device), records '
+        f'{codec}, host batch {FLAGS.batch_size}')
+  print('| grain workers | clips per CPU-s (process + workers) | clips/s wall '
+        '| CPU s | wall s |')
+  print('|---|---|---|---|---|')
+  rows = []
+  for workers in map(int, FLAGS.workers):
+    row = pipeline_rate(config, source, workers)
+    rows.append(row)
+    print(f"| {workers} | **{row['clips_per_cpu_s']:.1f}** | "
+          f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
+          f"{row['wall_s']:.1f} |", flush=True)
+  results['pipeline'] = rows
+  per_core = max(r['clips_per_cpu_s'] for r in rows)
+  # What the augmentation costs: the same pipeline (0 workers) without the
+  # colour jitter, and without any augmentation (a full-frame resize only).
+  variants = []
+  for label, settings in (('no colour jitter', dict(color_jitter=0.0)),
+                          ('no augmentation', dict(enabled=False))):
+    c = copy.deepcopy(config)
+    for key, value in settings.items():
+      c.input.augment[key] = value
+    row = pipeline_rate(c, source, 0)
+    row['variant'] = label
+    variants.append(row)
+    print(f"| 0, {label} | {row['clips_per_cpu_s']:.1f} | "
+          f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
+          f"{row['wall_s']:.1f} |", flush=True)
+  results['pipeline_variants'] = variants
+
+  text, per_example_ms, shares = profile_examples(config, source)
+  print(f'\n## what limits it: cProfile of {FLAGS.profile_examples} examples '
+        f'in one thread, {per_example_ms:.1f} CPU ms per example '
+        f'(= {1e3 / per_example_ms:.0f} clips per CPU-s)')
+  print('| stage | CPU ms per example | share |')
+  print('|---|---|---|')
+  for label, ms in sorted(shares.items(), key=lambda kv: -kv[1]):
+    print(f'| {label} | {ms:.1f} | {100 * ms / per_example_ms:.0f}% |')
+  print('\n' + '\n'.join(text.splitlines()[:40]))
+  results['profile'] = dict(per_example_ms=per_example_ms, stages=shares)
+
+  gflop, gflop_source = gflop_per_clip()
+  print(f'\n## demand at {100 * FLAGS.mfu:.0f}% MFU: {gflop:.1f} GFLOP per '
+        f'clip ({gflop_source}); host cores at {per_core:.1f} clips per '
+        'CPU-s (the best row above)')
+  print('| accelerator | dense bf16 TFLOP/s | clips/s consumed | host cores '
+        'needed |')
+  print('|---|---|---|---|')
+  demand = []
+  for chip in accelerator_peaks.DEMAND_CHIPS:
+    peak = accelerator_peaks.peak_of(chip)
+    clips = FLAGS.mfu * peak * 1e12 / (gflop * 1e9)
+    demand.append(dict(chip=chip, peak=peak, clips_per_s=clips,
+                       cores=clips / per_core))
+    print(f'| {chip} | {peak:.0f} | {clips:.0f} | {clips / per_core:.1f} |')
+  results['demand'] = dict(gflop_per_clip=gflop, source=gflop_source,
+                           per_core=per_core, rows=demand)
+  results['load_at_end'] = os.getloadavg()[0]
+  print(f"\nload average: {results['machine']}, {results['load_at_end']:.1f} "
+        'at the end')
+  if FLAGS.json_out:
+    pathlib.Path(FLAGS.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

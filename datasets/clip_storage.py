@@ -1,0 +1,335 @@
+"""How a record stores its frames and waveform, and how a reader gets them back.
+
+Three layouts share the schema (schema.py):
+
+  'raw'   frames   uint8 [N, H, W, 3] zlib'd as one tensor, waveform f32 [S].
+          Lossless; `avatar_synth` uses it (its results depend on exact
+          pixels), and a reader decompresses every frame of the clip.
+  'h264'  frames_h264     uint8 [total bytes]  H.264 segments, back to back
+          segment_offsets i64 [G + 1]          segment g = bytes [o[g], o[g+1])
+          segment_frames  i32 []               stored frames per segment
+          Segment g holds frames [g*L, (g+1)*L) (L = segment_frames), starts
+          with a key frame and has no B-frames, so it decodes on its own, in
+          order, and decoding stops at the last frame an example needs. The
+          default of the real-video builders: on camera-like 360p content it
+          takes ~1/8 of the bytes of JPEG at a similar PSNR and decodes as
+          fast per frame (benchmarks/paper_data_path.py, BENCHMARKS.md).
+          (Without B-frames x264's output is also deterministic: the same
+          source always gives the same record.)
+  'jpeg'  frames_jpeg    uint8 [total bytes]  the N JPEG files, back to back
+          frame_offsets  i64 [N + 1]          frame k = bytes [o[k], o[k+1])
+          Each frame on its own: the simplest random access, ~8x the bytes.
+  Both encoded layouts store waveform_flac uint8 [bytes] instead of
+  `waveform`: the waveform * 32767 rounded to 16 bits (the source is AAC,
+  whose own error is far above 16-bit rounding), FLAC-compressed (lossless:
+  about 2/3 of the 16-bit bytes, 1/3 of float32). FLAC seeks, so a reader
+  decodes only the audio window of its clip. Frame sizes are
+  free (they keep the source's aspect ratio): they live in the bitstreams.
+
+TFDS decodes these flat BYTES tensors without TensorFlow and without a copy,
+and never decodes the frames themselves (its `Sequence(Image)` would decode
+all N on every read); readers call `num_frames`, `gather_frames` and
+`waveform`, which accept every layout and decode only the frames asked for.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+import io
+from typing import Any, Mapping
+
+import av
+import numpy as np
+from PIL import Image
+import soundfile
+
+from tavlo_datasets import media
+
+FRAME_STORAGES = ('raw', 'h264', 'jpeg')
+_PCM16_SCALE = 32767.0
+
+
+def storage_of(record: Mapping[str, Any]) -> str:
+  if 'frames_h264' in record:
+    return 'h264'
+  if 'frames_jpeg' in record:
+    return 'jpeg'
+  if 'frames' in record:
+    return 'raw'
+  raise ValueError(f'record {_name(record)} has none of `frames`, '
+                   '`frames_h264`, `frames_jpeg`: not a record of this schema')
+
+
+def _name(record: Mapping[str, Any]) -> str:
+  video_id = record.get('video_id', '?')
+  if isinstance(video_id, bytes):
+    video_id = video_id.decode('utf-8', 'replace')
+  return repr(str(video_id))
+
+
+# ---- writing (builders) -----------------------------------------------------
+
+
+def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+  """(height, width) with the short side `short_side`, the aspect kept.
+
+  Both rounded to even numbers (what video codecs and most resizers like);
+  `short_side=0` keeps the source size (rounded down to even).
+  """
+  if short_side <= 0:
+    return (height - height % 2, width - width % 2)
+  scale = short_side / min(width, height)
+  def even(v):
+    return max(2, int(round(v * scale / 2)) * 2)
+  return (even(height), even(width))
+
+
+def encode_jpeg(frames: np.ndarray, quality: int) -> dict[str, np.ndarray]:
+  """uint8 [N, H, W, 3] -> the 'jpeg' frame fields (PIL, libjpeg-turbo)."""
+  if not 1 <= int(quality) <= 100:
+    raise ValueError(f'jpeg_quality must be in [1, 100], got {quality}')
+  chunks, offsets = [], [0]
+  for frame in frames:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, 'JPEG', quality=int(quality))
+    chunks.append(buffer.getvalue())
+    offsets.append(offsets[-1] + len(chunks[-1]))
+  return {
+      'frames_jpeg': np.frombuffer(b''.join(chunks), np.uint8),
+      'frame_offsets': np.asarray(offsets, np.int64),
+  }
+
+
+def encode_h264(frames: np.ndarray, crf: int,
+                segment_frames: int) -> dict[str, np.ndarray]:
+  """uint8 [N, H, W, 3] (H, W even) -> the 'h264' frame fields (PyAV x264)."""
+  if segment_frames < 1:
+    raise ValueError(f'segment_frames must be >= 1, got {segment_frames}')
+  _, height, width, _ = frames.shape
+  segments, offsets = [], [0]
+  for start in range(0, len(frames), segment_frames):
+    encoder = av.CodecContext.create('libx264', 'w')
+    encoder.width, encoder.height, encoder.pix_fmt = width, height, 'yuv420p'
+    # Only orders the frames: their times live in `frame_times`.
+    encoder.time_base, encoder.framerate = Fraction(1, 8), Fraction(8)
+    # bframes=0: frames decode in order (stop early) and x264 is
+    # deterministic; fastdecode: CAVLC and no deblocking, cheaper to decode.
+    encoder.options = {'crf': str(int(crf)), 'preset': 'fast',
+                       'tune': 'fastdecode', 'x264-params': 'bframes=0'}
+    data = []
+    for i, image in enumerate(frames[start:start + segment_frames]):
+      frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+      frame.pts = i
+      data += [bytes(p) for p in encoder.encode(frame)]
+    data += [bytes(p) for p in encoder.encode(None)]
+    segments.append(b''.join(data))
+    offsets.append(offsets[-1] + len(segments[-1]))
+  return {
+      'frames_h264': np.frombuffer(b''.join(segments), np.uint8),
+      'segment_offsets': np.asarray(offsets, np.int64),
+      'segment_frames': np.int32(segment_frames),
+  }
+
+
+def encode_pcm16(waveform: np.ndarray) -> np.ndarray:
+  return np.clip(np.round(np.asarray(waveform, np.float64) * _PCM16_SCALE),
+                 -32768, 32767).astype(np.int16)
+
+
+def encode_flac(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+  """f32 mono waveform -> FLAC bytes of its 16-bit rounding (soundfile)."""
+  buffer = io.BytesIO()
+  soundfile.write(buffer, encode_pcm16(waveform), int(sample_rate),
+                  format='FLAC', subtype='PCM_16')
+  return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+def to_storage(record: dict, storage: str, *, jpeg_quality: int = 85,
+               h264_crf: int = 25, segment_frames: int = 16) -> dict:
+  """Rewrites the `frames`/`waveform` of a freshly read clip into `storage`."""
+  if storage == 'raw':
+    return record
+  record = dict(record)
+  if storage == 'jpeg':
+    record.update(encode_jpeg(record.pop('frames'), jpeg_quality))
+  elif storage == 'h264':
+    record.update(encode_h264(record.pop('frames'), h264_crf, segment_frames))
+  else:
+    raise ValueError(f'frame storage {storage!r}; expected one of '
+                     f'{FRAME_STORAGES}')
+  record['waveform_flac'] = encode_flac(record.pop('waveform'),
+                                       record['sample_rate'])
+  return record
+
+
+def options_of(builder_config) -> dict:
+  """The `read_clip` storage arguments from a builder config's fields."""
+  c = builder_config
+  return dict(storage=c.frame_codec, short_side=int(c.frame_short_side),
+              jpeg_quality=int(c.jpeg_quality), h264_crf=int(c.h264_crf),
+              segment_frames=int(c.segment_frames))
+
+
+def read_clip(path, *, fps: float, sample_rate: int, storage: str,
+              short_side: int, pinned_times=(), **codec) -> dict:
+  """`media.read_clip` of a real video, stored in an encoded layout.
+
+  Frames keep the source's aspect ratio, short side `short_side` (so random
+  crops of any aspect around the training size stay possible). `codec`:
+  the quality arguments of `to_storage`.
+  """
+  info = media.video_info(path)
+  size = short_side_size(info.width, info.height, short_side)
+  record = media.read_clip(path, fps=fps, frame_size=size,
+                           sample_rate=sample_rate, pinned_times=pinned_times)
+  return to_storage(record, storage, **codec)
+
+
+# ---- reading (pipeline) -----------------------------------------------------
+
+
+def num_frames(record: Mapping[str, Any]) -> int:
+  storage = storage_of(record)
+  if storage == 'h264':
+    return len(record['frame_times'])
+  if storage == 'jpeg':
+    return len(record['frame_offsets']) - 1
+  return len(record['frames'])
+
+
+def _decode_h264_segment(record, segment: int, wanted: set[int]
+                         ) -> dict[int, np.ndarray]:
+  """Frames `wanted` (indices in the clip) of one segment, decoded in order
+  from its key frame up to the last one wanted."""
+  offsets = record['segment_offsets']
+  length = int(record['segment_frames'])
+  data = np.asarray(record['frames_h264'])
+  lo, hi = int(offsets[segment]), int(offsets[segment + 1])
+  first, last = segment * length, max(wanted)
+  out = {}
+  try:
+    if not 0 <= lo < hi <= len(data):
+      raise ValueError(f'byte range [{lo}, {hi}) outside the '
+                       f'{len(data)} stored bytes')
+    decoder = av.CodecContext.create('h264', 'r')
+    decoder.thread_count = 1    # grain workers are the parallelism
+    index = first
+    packets = decoder.parse(data[lo:hi].tobytes()) + decoder.parse(None)
+    for packet in packets + [None]:
+      for frame in decoder.decode(packet):
+        if index in wanted:
+          out[index] = frame.to_ndarray(format='rgb24')
+        index += 1
+      if index > last:
+        break
+  except (av.FFmpegError, ValueError) as e:
+    raise ValueError(f'record {_name(record)}: frame {min(wanted)} does not '
+                     f'decode (H.264 segment {segment}: {e})') from e
+  missing = sorted(wanted - set(out))
+  if missing:
+    raise ValueError(f'record {_name(record)}: frame {missing[0]} does not '
+                     f'decode (H.264 segment {segment} yields only '
+                     f'{index - first} of its frames)')
+  return out
+
+
+def _decode_h264(record, indices) -> dict[int, np.ndarray]:
+  length = int(record['segment_frames'])
+  by_segment = {}
+  for i in indices:
+    by_segment.setdefault(i // length, set()).add(i)
+  out = {}
+  for segment, wanted in sorted(by_segment.items()):
+    out.update(_decode_h264_segment(record, segment, wanted))
+  return out
+
+
+def _decode_jpeg(record, index: int) -> np.ndarray:
+  offsets = record['frame_offsets']
+  data = np.asarray(record['frames_jpeg'])
+  lo, hi = int(offsets[index]), int(offsets[index + 1])
+  if not 0 <= lo <= hi <= len(data):
+    raise ValueError(f'record {_name(record)}: frame {index} has byte range '
+                     f'[{lo}, {hi}) outside its {len(data)} stored bytes')
+  try:
+    with Image.open(io.BytesIO(data[lo:hi].tobytes())) as image:
+      if image.format != 'JPEG':
+        raise ValueError(f'a {image.format} image, expected a JPEG')
+      frame = np.asarray(image.convert('RGB'))
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f'record {_name(record)}: frame {index} does not decode '
+                     f'as JPEG ({e})') from e
+  return frame
+
+
+def gather_frames(record: Mapping[str, Any],
+                  frame_index: np.ndarray) -> np.ndarray:
+  """uint8 [T, H, W, 3] frames at `frame_index`; black where it is -1.
+
+  In the encoded layouts only these frames are decoded (each once, even if
+  listed twice; 'h264' also decodes the frames before them in their segment).
+  """
+  frame_index = np.asarray(frame_index)
+  if storage_of(record) == 'raw':
+    frames = np.asarray(record['frames'])
+    out = frames[np.maximum(frame_index, 0)]
+    out[frame_index < 0] = 0
+    return out
+  wanted = [int(i) for i in np.unique(frame_index[frame_index >= 0])]
+  if storage_of(record) == 'h264':
+    decoded = _decode_h264(record, wanted or [0])
+  else:
+    decoded = {i: _decode_jpeg(record, i) for i in wanted or [0]}
+  if not wanted:   # every slot is padding: black frames of the stored size
+    decoded = {-1: np.zeros_like(next(iter(decoded.values())))}
+  shape = next(iter(decoded.values())).shape
+  out = np.zeros((len(frame_index), *shape), np.uint8)
+  for slot, i in enumerate(frame_index):
+    if i >= 0:
+      frame = decoded[int(i)]
+      if frame.shape != shape:
+        raise ValueError(f'record {_name(record)}: frame {int(i)} is '
+                         f'{frame.shape}, other frames {shape}')
+      out[slot] = frame
+  return out
+
+
+def waveform(record: Mapping[str, Any]) -> np.ndarray:
+  """The whole f32 waveform, any layout."""
+  return waveform_window(record, 0, None)
+
+
+def waveform_window(record: Mapping[str, Any], start: int,
+                    length: int | None) -> np.ndarray:
+  """f32 waveform[start : start + length], zeros where that is outside it.
+
+  `length=None`: to the end. In the FLAC layout only the window is decoded.
+  """
+  if storage_of(record) == 'raw':
+    wave = np.asarray(record['waveform'], np.float32)
+    return _padded(lambda lo, hi: wave[lo:hi], len(wave), start, length)
+  try:
+    data = np.asarray(record['waveform_flac']).tobytes()
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+      def read(lo, hi):
+        f.seek(lo)
+        pcm = f.read(hi - lo, dtype='int16')
+        if len(pcm) != hi - lo:
+          raise ValueError(f'{len(pcm)} of {hi - lo} samples from {lo} read')
+        return pcm.astype(np.float32) / np.float32(_PCM16_SCALE)
+      return _padded(read, f.frames, start, length)
+  except (RuntimeError, ValueError, soundfile.LibsndfileError) as e:
+    raise ValueError(f'record {_name(record)}: the audio (FLAC) does not '
+                     f'decode ({e})') from e
+
+
+def _padded(read, total: int, start: int, length: int | None) -> np.ndarray:
+  """read(lo, hi) for the part of [start, start + length) inside
+  [0, total), zero-padded to `length` samples."""
+  if length is None:
+    length = max(total - start, 0)
+  out = np.zeros((length,), np.float32)
+  lo, hi = max(start, 0), min(start + length, total)
+  if hi > lo:
+    out[lo - start:hi - start] = read(lo, hi)
+  return out

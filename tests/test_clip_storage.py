@@ -1,0 +1,217 @@
+"""Encoded frame storage of the real-video builders, read back by the pipeline.
+
+Built from a small textured clip (tests/fixtures/natural_video.py: 1/f
+texture, camera pan, sensor noise, h264 + AAC), so the codecs have real
+detail to lose, unlike the flat grey frames of the builder tests. Every test
+runs for both encoded layouts ('h264' segments, 'jpeg' frames).
+"""
+
+import io
+
+import av
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from fixtures import natural_video
+from tavlo_datasets import clip_storage
+from tavlo_datasets import media
+from tavlo_datasets.vggsound import Builder, VggsoundConfig
+from tavlo_jax import config_lib
+from tavlo_jax import input_data
+from tavlo_jax.data import pipeline
+from tavlo_jax.data import sampling
+
+FPS = 8.0
+SHORT_SIDE = 64
+QUALITY = 85
+CRF = 25
+SEGMENT = 8      # 24 stored frames: 3 segments
+SPEC = natural_video.ClipSpec(name='textured', seconds=3.0, fps=25.0,
+                              width=192, height=108, video_kbps=300,
+                              audio_rate=48000, seed=3)
+
+
+def make_builder(data_dir, codec='h264') -> Builder:
+  return Builder(config=VggsoundConfig(
+      name='test', ids_file='', fps=FPS, frame_short_side=SHORT_SIDE,
+      frame_codec=codec, jpeg_quality=QUALITY, h264_crf=CRF,
+      segment_frames=SEGMENT, mask_size=(9, 16)), data_dir=str(data_dir))
+
+
+@pytest.fixture(scope='module')
+def source_mp4(tmp_path_factory):
+  manual = tmp_path_factory.mktemp('manual')
+  natural_video.write_clip(manual / f'{SPEC.name}.mp4', SPEC)
+  return manual / f'{SPEC.name}.mp4'
+
+
+@pytest.fixture(scope='module', params=['h264', 'jpeg'])
+def built(request, source_mp4, tmp_path_factory):
+  builder = make_builder(tmp_path_factory.mktemp('data'), request.param)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=str(source_mp4.parent)),
+      file_format='array_record')
+  return builder, source_mp4
+
+
+def paper_like_config():
+  c = config_lib.base_config()
+  c.input.num_frames = 8
+  c.input.frame_stride = 1
+  c.input.image_size = 56
+  c.input.audio.sample_rate = 16000
+  return c
+
+
+def jpeg_roundtrip(frame: np.ndarray, quality: int) -> np.ndarray:
+  buffer = io.BytesIO()
+  Image.fromarray(frame).save(buffer, 'JPEG', quality=quality)
+  return np.asarray(Image.open(buffer).convert('RGB'))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_example_frames_equal_the_source_frames_within_jpeg_error(built):
+  builder, mp4 = built
+  record = builder.as_data_source('train')[0]
+  config = paper_like_config()
+  clip = sampling.cut_clip(record, 5, config)
+  # Reference: the source decoded by PyAV at the stored size (132x64: the
+  # 16:9 source with short side 64, rounded to even).
+  source, _, _ = media.read_video(mp4, FPS, (64, 114))
+  assert clip.frames.shape == (8, 64, 114, 3)
+  np.testing.assert_array_equal(clip.frame_index, np.arange(5, 13))
+  codec = builder.builder_config.frame_codec
+  for frame, k in zip(clip.frames, clip.frame_index):
+    if codec == 'jpeg':
+      # Exactly the source frame through the JPEG codec at the config's
+      # quality (libjpeg-turbo is deterministic).
+      np.testing.assert_array_equal(frame, jpeg_roundtrip(source[k], QUALITY))
+    # Tolerance: the codec's error on this noisy texture stays above 28 dB
+    # PSNR (measured 31.9-33.1 dB for JPEG q85, 29.4-33.2 dB for H.264
+    # crf 25 at this small size); the source frame 4 away is below 17 dB,
+    # so a wrong or misaligned frame fails.
+    assert psnr(frame, source[k]) > 28
+    assert psnr(frame, source[min(k + 4, len(source) - 1)]) < 20
+  # Decoding only the clip's frames gives what decoding every frame gives.
+  every = clip_storage.gather_frames(record, np.arange(len(source)))
+  np.testing.assert_array_equal(clip.frames, every[5:13])
+
+
+def test_waveform_is_the_source_audio_within_16_bit_rounding(built):
+  builder, mp4 = built
+  record = builder.as_data_source('train')[0]
+  reference = media.read_audio(mp4, 16000)
+  stored = clip_storage.waveform(record)
+  assert stored.dtype == np.float32 and stored.shape == reference.shape
+  np.testing.assert_allclose(stored, np.clip(reference, -1, 1),
+                             atol=0.5 / 32767 + 1e-7)
+  # A window (what an example reads) is that slice, zero-padded outside.
+  n = len(reference)
+  for start, length in ((1000, 500), (-300, 800), (n - 200, 700)):
+    expected = np.zeros(length, np.float32)
+    lo, hi = max(start, 0), min(start + length, n)
+    expected[lo - start:hi - start] = stored[lo:hi]
+    np.testing.assert_array_equal(
+        clip_storage.waveform_window(record, start, length), expected)
+
+
+def test_corrupt_audio_names_the_record(built):
+  builder, _ = built
+  record = dict(builder.as_data_source('train')[0])
+  data = np.asarray(record['waveform_flac']).copy()
+  data[:64] = 0
+  record['waveform_flac'] = data
+  with pytest.raises(ValueError,
+                     match=r"record 'textured': the audio \(FLAC\) does not"):
+    sampling.cut_clip(record, 4, paper_like_config())
+
+
+def test_only_the_clip_frames_are_decoded(built, monkeypatch):
+  builder, _ = built
+  record = builder.as_data_source('train')[0]
+  converted = []    # frames turned into RGB pixels
+  real_to_ndarray = av.VideoFrame.to_ndarray
+  real_open = Image.open
+  monkeypatch.setattr(av.VideoFrame, 'to_ndarray', lambda self, **kw: (
+      converted.append(1), real_to_ndarray(self, **kw))[1])
+  monkeypatch.setattr(Image, 'open', lambda *a, **kw: (
+      converted.append(1), real_open(*a, **kw))[1])
+  config = paper_like_config()
+  config.input.frame_stride = 2
+  clip = sampling.cut_clip(record, 3, config)
+  assert clip_storage.num_frames(record) == 24
+  # Frames 3, 5, ..., 17 of 24.
+  np.testing.assert_array_equal(clip.frame_index, np.arange(3, 18, 2))
+  assert len(converted) == 8
+
+
+def test_train_examples_from_jpeg_records(built):
+  builder, _ = built
+  config = paper_like_config()
+  config.input.batch_size = 2
+  it = pipeline.make_train_iterator(config, builder.as_data_source('train'),
+                                    process_index=0, process_count=1)
+  batch = next(it)
+  assert batch['frames'].shape == (2, 8, 56, 56, 3)
+  assert batch['frames'].dtype == np.uint8 and batch['frames'].std() > 10
+
+
+def _with_unit_bytes(record, data_key: str, offsets_key: str, index: int,
+                     replace):
+  """A copy of `record` whose encoded unit `index` (a JPEG frame or an
+  H.264 segment) is `replace(its bytes)`."""
+  data = np.asarray(record[data_key]).tobytes()
+  offsets = np.asarray(record[offsets_key])
+  lo, hi = int(offsets[index]), int(offsets[index + 1])
+  new = replace(data[lo:hi])
+  out = dict(record)
+  out[data_key] = np.frombuffer(data[:lo] + new + data[hi:], np.uint8)
+  out[offsets_key] = np.concatenate(
+      [offsets[:index + 1], offsets[index + 1:] + len(new) - (hi - lo)])
+  return out
+
+
+@pytest.mark.parametrize('damage', [
+    lambda b: b'\x00' * 16 + b[16:],          # header overwritten
+    lambda b: b[:len(b) // 2],                 # truncated
+], ids=['bad_header', 'truncated'])
+def test_corrupt_frame_names_the_record_and_frame(built, damage):
+  builder, _ = built
+  record = builder.as_data_source('train')[0]
+  config = paper_like_config()
+  if builder.builder_config.frame_codec == 'jpeg':
+    record = _with_unit_bytes(record, 'frames_jpeg', 'frame_offsets', 7, damage)
+    expected = r"record 'textured': frame 7 does not decode"
+  else:   # segment 0 holds frames 0-7; the clip from 4 needs 4-7 from it
+    record = _with_unit_bytes(record, 'frames_h264', 'segment_offsets', 0,
+                              damage)
+    expected = (r"record 'textured': frame [4-7] does not decode \(H.264 "
+                r'segment 0')
+  with pytest.raises(ValueError, match=expected):
+    sampling.cut_clip(record, 4, config)
+  sampling.cut_clip(record, 8, config)    # the other frames still decode
+
+
+def test_dataset_of_an_older_builder_version_is_refused(tmp_path):
+  data_dir = tmp_path / 'data'
+  old = data_dir / 'vggsound' / 'test' / '1.0.0'
+  old.mkdir(parents=True)
+  (old / 'dataset_info.json').write_text('{}')
+  config = config_lib.base_config()
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.manual_dir = '/data/vggsound'
+  fresh = make_builder(data_dir)
+  assert not fresh.is_prepared()
+  with pytest.raises(SystemExit) as e:
+    input_data.ensure_built(config, fresh)
+  message = str(e.value.code)
+  assert '\n' not in message
+  assert 'version(s) 1.0.0' in message and 'reads 2.0.0' in message
+  assert 'Rebuild it: python -m tavlo_datasets.build vggsound' in message
