@@ -298,6 +298,8 @@ def run(config, workdir: str, mode: str = 'train_and_eval'):
     logging.info('Resumed from step %d (%s)', step, ckpt.directory)
   elif mode == 'eval':
     raise SystemExit(f'--mode=eval: no checkpoint in {ckpt.directory}')
+  else:
+    state = _initial_weights(config, state)
 
   train_fn, predict_fn = compile_steps(config, model, mesh, state_shardings)
   writer = MetricWriter(workdir, config.train.total_steps)
@@ -315,6 +317,22 @@ def run(config, workdir: str, mode: str = 'train_and_eval'):
     writer.close()
     multihost_utils.sync_global_devices('tavlo_jax.train.run:end')
   return state
+
+
+def _initial_weights(config, state):
+  """A fresh state, with the visual encoder's pretrained weights if the
+  config names a file (a resumed run keeps its checkpoint instead)."""
+  path = config.model.visual.init_from
+  if not path:
+    logging.info('Visual encoder: trained from scratch '
+                 '(config.model.visual.init_from is empty).')
+    return state
+  from tavlo_jax.models import convert_torch  # pylint: disable=g-import-not-at-top
+  params, batch_stats = convert_torch.init_visual_encoder(
+      state.params, state.batch_stats, path)
+  logging.info('Visual encoder: initialised from %s (torchvision ResNet '
+               'weights, fc layer unused).', os.path.abspath(path))
+  return state.replace(params=params, batch_stats=batch_stats)
 
 
 def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
