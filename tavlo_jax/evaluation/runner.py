@@ -52,6 +52,15 @@ def predict_split(config, state, predict_fn, data, mesh, split: str,
   return ev, kept
 
 
+def scored_dataset(config) -> str:
+  """'name/builder_config' of the dataset evaluated: the eval dataset when
+  one is set (AVATAR while training on VGGSound), else the training one."""
+  d = config.dataset
+  if d.eval_name:
+    return f'{d.eval_name}/{d.eval_builder_config}'.rstrip('/')
+  return f'{d.name}/{d.builder_config}'.rstrip('/')
+
+
 def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: int,
              final: bool) -> dict:
   calibration = None
@@ -68,7 +77,7 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
   results = ev.finalize(calibration)
   results['step'] = step
   results['split'] = d.eval_split
-  results['dataset'] = f'{d.name}/{d.builder_config}'
+  results['dataset'] = scored_dataset(config)
   results['model'] = config.model.name
 
   writer.scalars(step, evaluator_lib.scalar_metrics(results))
