@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -220,6 +221,17 @@ def compile_steps(config, model, mesh, state_shardings):
 # Logging
 # ---------------------------------------------------------------------------
 
+_TAG_ILLEGAL = re.compile(r'[^-/\w.]')
+
+
+def tensorboard_tag(name: str) -> str:
+  """A metric name as a TensorBoard tag: characters outside [-/\\w.] become
+  '_' ('eval/total/fixed@0.1/ciou' -> 'eval/total/fixed_0.1/ciou'), the rule
+  TensorBoard would otherwise apply itself with one console line per name.
+  metrics.jsonl keeps the names as they are."""
+  return _TAG_ILLEGAL.sub('_', name).lstrip('/')
+
+
 class MetricWriter:
   """Console + TensorBoard (tensorboardX) + JSON lines; process 0 writes."""
 
@@ -237,7 +249,7 @@ class MetricWriter:
     if not self.enabled:
       return
     for k, v in values.items():
-      self.tb.add_scalar(k, v, step)
+      self.tb.add_scalar(tensorboard_tag(k), v, step)
     self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self.jsonl.flush()
 
@@ -245,7 +257,7 @@ class MetricWriter:
     if not self.enabled:
       return
     for k, img in images.items():
-      self.tb.add_image(k, img, step, dataformats='HWC')
+      self.tb.add_image(tensorboard_tag(k), img, step, dataformats='HWC')
 
   def close(self):
     if self.enabled:
