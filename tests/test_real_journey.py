@@ -7,7 +7,6 @@ prints the per-scenario report of the AVATAR test set it scored.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,17 +14,9 @@ import sys
 import pytest
 
 from fixtures import avatar_release as fixture
+from test_main_job import ROOT, _env   # one CPU device, as the main job's test
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
 
 def _run(*args, timeout=900):
   r = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=_env(),
