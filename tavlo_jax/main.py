@@ -52,7 +52,8 @@ def _init_distributed():
 
 class _QuietLibraries:
   """Drops INFO chatter of Orbax/absl internals from the console; keeps warnings."""
-  NOISY = ('orbax', 'checkpoint_manager', 'async_checkpointer', 'xla_bridge')
+  NOISY = ('orbax', 'checkpoint_manager', 'async_checkpointer', 'xla_bridge',
+           'dataset_info.py')   # TFDS: 'Load dataset info from ...' per builder
 
   def filter(self, record):
     if record.levelno >= logging_std.WARNING:

@@ -60,7 +60,12 @@ def test_real_runlocal_trains_on_vggsound_and_reports_avatar(built, tmp_path):
   steps = [json.loads(line)['step'] for line in
            (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert max(steps) == 4
-  # A quiet console: no TensorBoard renaming line per metric.
+  # A quiet console: no TensorBoard renaming line per metric, no message
+  # repeated (absl's prefix of time and place stripped), the start stated.
   assert 'is illegal' not in r.stderr
   assert 'trained from scratch' in r.stderr
+  messages = [line.split('] ', 1)[-1] for line in r.stderr.splitlines()]
+  repeated = {m for m in messages if messages.count(m) > 1 and m.strip()}
+  assert not repeated, r.stderr
+  assert len(messages) < 40, r.stderr
   print(out)

@@ -47,7 +47,8 @@ def predict_split(config, state, predict_fn, data, mesh, split: str,
       kept.append((host_batch, np.asarray(full)[:rows]))
     if (i + 1) % 10 == 0 or i + 1 == len(batches):
       elapsed = time.perf_counter() - t0
-      logging.info('eval %s %s: batch %d/%d (%.1f s, ETA %.0f s)', desc, split, i + 1,
+      logging.info('eval %s: batch %d/%d (%.1f s, ETA %.0f s)',
+                   split if desc in ('', split) else f'{desc} ({split})', i + 1,
                    len(batches), elapsed, elapsed / (i + 1) * (len(batches) - i - 1))
   return ev, kept
 
