@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -126,8 +127,15 @@ def _explain_config_override_error(argv) -> str | None:
 def _parse_flags(argv):
   """absl's parser, but a bad `--config...` gives one clear line, no traceback."""
   try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
+    rest = flags.FLAGS(argv)
+    # config_flags stands a placeholder for a config file it could not load
+    # (raising on first use, deep in the job): make that a parse error here.
+    config = flags.FLAGS['config'].value
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+      raise ValueError('the config file could not be loaded')
+    return rest
+  except (KeyError, AttributeError, TypeError, ValueError, OSError,
+          flags.Error) as e:
     line = _explain_config_override_error(argv) or f'{type(e).__name__}: {e}'
     print(f'error: {line}', file=sys.stderr)
     sys.exit(2)
