@@ -568,8 +568,9 @@ class VideoResult:
 
 
 def _read_waveform(path: str, info, sample_rate: int, on_missing_audio: str) -> np.ndarray:
-  if info.has_audio:
-    return media.read_audio(path, sample_rate)
+  if info.has_audio:   # over the video's span, as the builders store it
+    return media.audio_for_video(path, media.read_audio(path, sample_rate),
+                                 sample_rate, info.duration)
   if on_missing_audio != 'silence':
     raise LocalizeError(
         f'{path}: the file has no audio stream, so there is no sound to '
