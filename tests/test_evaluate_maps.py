@@ -148,6 +148,17 @@ def test_bad_heatmaps_are_named(annotations, caplog):
     evaluate_maps.check_heatmaps(frames, {**maps, 'vidA/8': np.full((4, 4), np.nan)})
   with pytest.raises(cli.InputError, match=r"key 'vidB/0': shape \(2, 4, 4\)"):
     evaluate_maps.check_heatmaps(frames, {**maps, 'vidB/0': np.zeros((2, 4, 4))})
+  # One line per bad key, each naming the file and the key.
+  with pytest.raises(cli.InputError) as bad:
+    evaluate_maps.check_heatmaps(
+        frames, {**short, 'vidA/8': np.full((4, 4), np.inf), 'vidB/0': np.zeros(3)},
+        source='--heatmaps: m.npz')
+  assert bad.value.lines == [
+      "--heatmaps: m.npz: key 'vidC/16': missing (expected a 2-D map for every "
+      'annotated frame; 7 frames are annotated)',
+      "--heatmaps: m.npz: key 'vidA/8': contains NaN/Inf (16 of 16 values), "
+      'expected finite scores',
+      "--heatmaps: m.npz: key 'vidB/0': shape (3,), expected a 2-D map"]
   with caplog.at_level(logging.WARNING):
     evaluate_maps.check_heatmaps(frames, {**maps, 'vidZ/3': np.zeros((4, 4))})
   assert 'vidZ/3' in caplog.text
