@@ -222,3 +222,16 @@ def test_init_from_is_checked_before_training(tmp_path):
   config.model.visual.width = 32
   with pytest.raises(ValueError, match=r'width=32 \(need 64\)'):
     models.build_model(config)
+
+
+def test_pth_converts_once_to_an_npz_that_training_reads(state_dict, tmp_path, capsys):
+  assert convert_torch.main([str(tmp_path / 'absent.pth'), str(tmp_path / 'x.npz')]) == 2
+  assert 'absent.pth: no weights file' in capsys.readouterr().err
+  torch = pytest.importorskip('torch', reason='torch is not installed')
+  pth, npz = tmp_path / 'resnet18.pth', tmp_path / 'resnet18.npz'
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, pth)
+  assert convert_torch.main([str(pth), str(npz)]) == 0
+  loaded = convert_torch.load_state_dict(str(npz))
+  assert set(loaded) == {k for k in state_dict if 'num_batches_tracked' not in k}
+  for k, v in loaded.items():
+    np.testing.assert_array_equal(v, state_dict[k])
