@@ -127,6 +127,19 @@ def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
     f.write(np.uint64(len(text)).astype('<u8').tobytes() + text + b''.join(blobs))
 
 
+def flax_resnet18(images, state_dict) -> np.ndarray:
+  """[N, H, W, 3] images (as one clip of N frames) -> our ResNet's features
+  with the converted weights, float32."""
+  net = ResNet()                         # torchvision's resnet18 shape
+  x = jnp.asarray(images[None], jnp.float32)                 # [B=1, T=N, ...]
+  variables = nn.meta.unbox(jax.eval_shape(
+      lambda: net.init(jax.random.key(0), x, train=False)))
+  variables = convert_torch.load_visual_encoder(
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables), state_dict,
+      scope=None)
+  return np.asarray(net.apply(variables, x, train=False))[0]
+
+
 @pytest.fixture(scope='module')
 def state_dict():
   return torchvision_state_dict()
@@ -144,15 +157,8 @@ def test_converted_resnet18_matches_a_float64_numpy_resnet18(state_dict, suffix,
   for key in ('conv1.weight', 'layer3.0.downsample.1.running_var'):
     np.testing.assert_array_equal(loaded[key], state_dict[key])
 
-  net = ResNet()                         # torchvision's resnet18 shape
   images = np.random.default_rng(1).uniform(-2, 2, (2, 64, 96, 3))
-  x = jnp.asarray(images[None], jnp.float32)                 # [B=1, T=2, ...]
-  variables = nn.meta.unbox(jax.eval_shape(
-      lambda: net.init(jax.random.key(0), x, train=False)))
-  variables = convert_torch.load_visual_encoder(
-      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables), loaded,
-      scope=None)
-  got = np.asarray(net.apply(variables, x, train=False))[0]
+  got = flax_resnet18(images, loaded)
   want = np.stack([np_resnet18(img, state_dict) for img in images])
   assert got.shape == want.shape == (2, 2, 3, 512)
   scale = np.abs(want).max()
@@ -235,3 +241,26 @@ def test_pth_converts_once_to_an_npz_that_training_reads(state_dict, tmp_path, c
   assert set(loaded) == {k for k in state_dict if 'num_batches_tracked' not in k}
   for k, v in loaded.items():
     np.testing.assert_array_equal(v, state_dict[k])
+
+
+def test_torchvision_numpy_and_flax_agree_on_the_same_weights(state_dict):
+  """The reference above against torchvision itself (where installed): the
+  three forward passes of one set of torchvision-layout weights agree."""
+  torch = pytest.importorskip('torch', reason='torch is not installed')
+  torchvision = pytest.importorskip('torchvision', reason='torchvision is not installed')
+  tnet = torchvision.models.resnet18().double().eval()
+  tnet.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+  trunk = torch.nn.Sequential(*list(tnet.children())[:-2])
+  images = np.random.default_rng(2).uniform(-2, 2, (2, 64, 96, 3))
+  with torch.no_grad():
+    theirs = trunk(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  theirs = theirs.transpose(0, 2, 3, 1)                      # float64, NHWC
+  reference = np.stack([np_resnet18(img, state_dict) for img in images])
+  ours = flax_resnet18(images, state_dict)
+  scale = np.abs(theirs).max()
+  print(f'\nmax |torchvision|={scale:.3f}; max abs difference: numpy float64 vs '
+        f'torchvision float64 {np.abs(reference - theirs).max():.2e}, Flax float32 vs '
+        f'torchvision {np.abs(ours - theirs).max():.2e} '
+        f'(relative {np.abs(ours - theirs).max() / scale:.2e})')
+  np.testing.assert_allclose(reference, theirs, rtol=0, atol=1e-9 * scale)
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * scale)
