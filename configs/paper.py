@@ -9,8 +9,20 @@ Needs an accelerator; on a CPU use :runlocal. Variants (`+`-joined):
   :real          train vggsound/10k, evaluate avatar (the paper's protocol)
   :synth         train and evaluate avatar_synth/paper (224x224, 16 categories)
   :long_clip     T=256 frames with time sharded over `seq` (all-to-all attention)
-  :runlocal      the same architecture family, tiny, on CPU (smoke test)
+  :runlocal      the same architecture family, tiny, on CPU (smoke test);
+                 :real+runlocal runs it on the built vggsound/10k + avatar/default
   :seed=N        another seed
+
+ImageNet start (as EZ-VSL and SLAVC, the image-level peers): download
+torchvision's ResNet-18 weights as safetensors (timm's `resnet18.tv_in1k`,
+https://huggingface.co/timm/resnet18.tv_in1k/resolve/main/model.safetensors)
+and pass the file; training reads it without torch, and the log names it:
+
+  python -m tavlo_jax.main --config=configs/paper.py:real --workdir=/shared/runs/tavlo \
+      --config.model.visual.init_from=/shared/weights/resnet18_tv_in1k.safetensors
+
+(A torchvision .pth converts once to .npz where torch is installed:
+`python -m tavlo_jax.models.convert_torch resnet18-f37072fd.pth resnet18.npz`.)
 
 What is UNKNOWN in the paper (T, depth, width, temperature, optimiser) is a
 field below, with the value we chose.

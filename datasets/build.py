@@ -22,6 +22,8 @@ from absl import logging
 import simple_parsing
 from tensorflow_datasets.scripts.cli import build as tfds_build
 
+from tavlo_datasets.robustness import BadExample
+
 # Registered for `--imports`, so TFDS never looks for a same-named folder in
 # the current directory instead.
 BUILDER_MODULES = ('tavlo_datasets.avatar', 'tavlo_datasets.vggsound')
@@ -34,7 +36,22 @@ def main(argv: list[str] | None = None) -> None:
     argv.append('--imports=' + ','.join(BUILDER_MODULES))
   logging.set_verbosity(logging.INFO)
   args = simple_parsing.parse(tfds_build.Args, args=argv)
-  args.execute()
+  try:
+    args.execute()
+  except (FileNotFoundError, BadExample) as e:
+    _fail(str(e))
+  except AssertionError as e:   # TFDS's check of --manual_dir is an assert
+    if not str(e).startswith('Manual directory'):
+      raise
+    _fail(str(e))
+
+
+def _fail(message: str) -> None:
+  """A user's input error: the message (it names the file and the expected
+  layout) without a traceback, exit code 2."""
+  first, *rest = message.strip().splitlines() or ['']
+  print(f'error: {first}', *rest, sep='\n', file=sys.stderr)
+  sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
   read_video   frames resampled to a fixed fps by timestamp, optionally resized
   read_audio   mono float waveform at a given rate, trimmed to the stream length
   video_info   stream facts (fps, size, duration, audio present) without decoding
-  read_clip    the clip fields of a `schema` record (frames, times, waveform)
+  read_clip    the clip fields of a `schema` record (frames, times, waveform
+               over exactly the video's span)
   write_mp4    h264 (yuv420p) + aac, e.g. for test fixtures
   find_files   every file with a suffix under a folder (local or cloud)
 
@@ -122,20 +123,24 @@ def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
       frame, so |frame_times[k] - k / fps| <= half a source frame period
       (except after the last source frame, which is shown for one period,
       and at pinned slots, which are within half an output period).
-    original_size: (width, height) of the source video.
+    original_size: (width, height) of the source video as a player shows it
+      (a display rotation tag applied: a portrait phone video is tall).
   """
   if fps <= 0:
     raise ValueError(f'fps must be positive, got {fps}')
   with _open(path) as container:
     stream = _video_stream(container, path)
-    original = (stream.codec_context.width, stream.codec_context.height)
+    coded = (stream.codec_context.width, stream.codec_context.height)
     duration = _stream_duration(stream, container)
     if not duration:
       raise BadExample(path, 'corrupt_video', 'video stream has no duration')
     targets = output_times(duration, fps, pinned_times)
     expected_frames = stream.frames or None
     start = _seconds(stream.start_time, stream.time_base) or 0.0
-    height, width = size if size is not None else (original[1], original[0])
+    # Set from the first frame: its display rotation (a phone's portrait
+    # video is stored landscape with a rotation tag) decides the shown size.
+    quarter_turns = None
+    original = coded
 
     frames, times = [], []
     previous = None      # (time, av frame, cached rgb or None) of last frame
@@ -144,7 +149,8 @@ def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
     def take(item):
       t, frame, rgb = item
       if rgb is None:    # each source frame is converted at most once
-        rgb = frame.to_ndarray(width=width, height=height, format='rgb24')
+        height, width = size if size is not None else (original[1], original[0])
+        rgb = _displayed_rgb(frame, quarter_turns, height, width)
       frames.append(rgb)
       times.append(t)
       return (t, frame, rgb)
@@ -154,6 +160,9 @@ def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
         if frame.time is None:
           raise BadExample(path, 'corrupt_video',
                            f'frame {decoded} has no timestamp')
+        if quarter_turns is None:
+          quarter_turns = _quarter_turns(frame, path)
+          original = coded[::-1] if quarter_turns % 2 else coded
         current = (frame.time - start, frame, None)
         decoded += 1
         if previous is not None:
@@ -175,6 +184,26 @@ def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
       previous = take(previous)
   return (np.stack(frames).astype(np.uint8), np.asarray(times, np.float32),
           original)
+
+
+def _quarter_turns(frame, path) -> int:
+  """Counter-clockwise quarter turns that show `frame` upright (its display
+  matrix; players apply it, the decoder does not)."""
+  degrees = frame.rotation or 0
+  if degrees % 90:
+    raise BadExample(path, 'corrupt_video',
+                     f'display rotation of {degrees} degrees; expected a '
+                     'multiple of 90')
+  return (degrees // 90) % 4
+
+
+def _displayed_rgb(frame, quarter_turns: int, height: int, width: int):
+  """[height, width, 3] RGB of the frame as a player shows it: resized in
+  its stored orientation, then turned."""
+  if quarter_turns % 2:
+    height, width = width, height
+  rgb = frame.to_ndarray(width=width, height=height, format='rgb24')
+  return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
 
 def read_audio(path, sample_rate: int = 16000) -> np.ndarray:
@@ -215,6 +244,27 @@ def read_audio(path, sample_rate: int = 16000) -> np.ndarray:
   if wave.shape[0] < expected:
     wave = np.pad(wave, (0, expected - wave.shape[0]))
   return wave.astype(np.float32)
+
+
+# Audio may end this much before the video and be padded with silence:
+# encoder priming and muxers' rounding leave real uploads tens of ms apart.
+# A longer gap would leave frames with no sound to localise: refused.
+MAX_AUDIO_SHORTFALL_S = 0.25
+
+
+def audio_for_video(path, waveform: np.ndarray, sample_rate: int,
+                    video_seconds: float) -> np.ndarray:
+  """The waveform over the video's span [0, video_seconds): audio past the
+  last frame is cut, a short tail (<= MAX_AUDIO_SHORTFALL_S) is padded with
+  silence, a longer shortfall is a `short_audio` bad example."""
+  want = int(round(video_seconds * sample_rate))
+  have = waveform.shape[0]
+  if want - have > MAX_AUDIO_SHORTFALL_S * sample_rate:
+    raise BadExample(path, 'short_audio',
+                     f'the audio stream ends at {have / sample_rate:.3f} s, '
+                     f'the video at {video_seconds:.3f} s; expected audio for '
+                     f'the whole video (at most {MAX_AUDIO_SHORTFALL_S} s short)')
+  return np.pad(waveform[:want], (0, max(want - have, 0))).astype(np.float32)
 
 
 def write_mp4(path, frames: np.ndarray, fps: float,
@@ -264,16 +314,19 @@ def read_clip(path, *, fps: float, frame_size: tuple[int, int],
   """The clip-level fields of a `schema` record, from one mp4.
 
   A clip must have both streams: a video without audio is a bad example (the
-  model learns from their correspondence).
+  model learns from their correspondence). The waveform spans the video
+  stream exactly (see `audio_for_video`).
   """
-  if not video_info(path).has_audio:
+  info = video_info(path)
+  if not info.has_audio:
     raise BadExample(path, 'no_audio', 'the file has no audio stream')
   frames, frame_times, (width, height) = read_video(path, fps, frame_size,
                                                     pinned_times)
   return {
       'frames': frames,
       'frame_times': frame_times,
-      'waveform': read_audio(path, sample_rate),
+      'waveform': audio_for_video(path, read_audio(path, sample_rate),
+                                  sample_rate, info.duration),
       'sample_rate': np.int32(sample_rate),
       'fps': np.float32(fps),
       'original_width': np.int32(width),

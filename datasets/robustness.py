@@ -43,6 +43,7 @@ KINDS = (
     'corrupt_video',     # mp4 that does not open or decode, or is truncated
     'no_video',          # mp4 without a video stream
     'no_audio',          # mp4 without an audio stream
+    'short_audio',       # audio stream ending well before the video
     'bad_json',          # annotation file that does not parse as JSON
     'missing_field',     # annotation JSON lacking a field or with a bad value
     'polygon_outside',   # a polygon entirely outside the frame

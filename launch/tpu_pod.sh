@@ -15,8 +15,9 @@
 set -euo pipefail
 TPU=${TPU:?name of the TPU VM}; ZONE=${ZONE:?zone}
 REPO=${REPO:-~/tavlo_jax}
-# Flags: megascale/latency hiding are on by default on TPU; fsdp inside a slice,
-# data across slices (multi-slice: set --config.mesh.data to the slice count x per-slice data).
+# Flags: megascale/latency hiding are on by default on TPU. Mesh and dtype come
+# from the config (configs/paper.py: bfloat16, fsdp over every chip of the slice);
+# multi-slice: add --config.mesh.data=<slices> --config.mesh.fsdp=<chips per slice>.
 gcloud compute tpus tpu-vm ssh "${TPU}" --zone="${ZONE}" --worker=all --command="
   cd ${REPO} && . .venv/bin/activate &&
-  python -m tavlo_jax.main $* --config.model.dtype=bfloat16 2>&1 | tee -a /tmp/tavlo.log"
+  python -m tavlo_jax.main $* 2>&1 | tee -a /tmp/tavlo.log"

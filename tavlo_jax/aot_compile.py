@@ -338,6 +338,7 @@ def run():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   # main's --config flag (locked) and its one-line errors for bad overrides.
   from tavlo_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from tavlo_jax import cli  # pylint: disable=g-import-not-at-top
   topology_flag = flags.DEFINE_string(
       'topology', None, f'Target to compile for: {KNOWN}.', required=True)
   hbm_flag = flags.DEFINE_float(
@@ -347,6 +348,7 @@ def run():
       'num_slices', 1, 'TPU: number of slices (multi-slice over DCN; put the '
       'slice count in --config.mesh.data).')
 
+  @cli.user_errors()
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')

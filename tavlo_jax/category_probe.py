@@ -23,12 +23,12 @@ Two more columns tell a deaf audio path from a mis-wired one:
 
 from __future__ import annotations
 
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from tavlo_jax import cli
 from tavlo_jax.evaluation import metrics
 
 OBJECT_COVER = 0.4       # a grid cell is "on the source" if this much of it is
@@ -127,8 +127,12 @@ def format_table(stats: dict[int, dict], names=None) -> str:
   return '\n'.join(lines)
 
 
+@cli.user_errors()
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS.checkpoint:
+    raise app.UsageError('--checkpoint is required (a training workdir or a step dir in it)')
   from tavlo_jax import input_data, localize, models  # pylint: disable=g-import-not-at-top
   try:
     run = localize.load_run(flags.FLAGS.checkpoint)
@@ -138,13 +142,11 @@ def main(argv):
                                data.eval_batches(config.dataset.eval_split),
                                flags.FLAGS.batches))
   except (localize.LocalizeError, ValueError) as e:   # one line, as localize does
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e))
   print(format_table(stats, data.category_names()))
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('checkpoint', None, 'Training workdir (or a step dir in it).',
-                      required=True)
+  flags.DEFINE_string('checkpoint', None, 'Training workdir (or a step dir in it).')
   flags.DEFINE_integer('batches', 20, 'Eval batches to look at.')
   app.run(main)

@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
 from tavlo_datasets import schema
-from tavlo_jax import config_lib
+from tavlo_jax import cli, config_lib
 from tavlo_jax.evaluation import evaluator as evaluator_lib, report
 
 AVATAR_SIZE = (360, 640)   # (H, W) of the AVATAR protocol
@@ -96,8 +96,15 @@ def _polygons(inst, path) -> list:
 
 
 def parse_frame(path: str, video_id: str, frame: int) -> FrameAnnotation:
-  with open(path) as f:
-    data = json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path}: not valid JSON ({e}); expected an AVATAR frame '
+                     'annotation object') from None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path}: a JSON {type(data).__name__}, expected an object '
+                     'with original_width, original_height and annotations')
   for key in ('original_width', 'original_height', 'annotations'):
     if key not in data:
       raise ValueError(f'{path}: missing field {key!r}')
@@ -160,28 +167,43 @@ def rasterize(fa: FrameAnnotation, size=AVATAR_SIZE) -> np.ndarray:
   return np.asarray(img, np.uint8)
 
 
-def check_heatmaps(frames: list[FrameAnnotation], maps) -> None:
-  """Missing keys and bad maps are errors (named); extra keys a warning."""
+MAX_LISTED = 20   # bad keys listed one per line; the rest are counted
+
+
+def check_heatmaps(frames: list[FrameAnnotation], maps, source: str = '--heatmaps') -> None:
+  """Missing keys and bad maps raise `cli.InputError`, one line per key
+  (`source: key 'vid/3': what is wrong, what was expected`); extra keys are
+  a warning."""
   wanted = [fa.frame_id for fa in frames]
   have = set(maps.keys())
-  missing = [k for k in wanted if k not in have]
-  if missing:
-    raise KeyError(f'--heatmaps lacks {len(missing)} of {len(wanted)} annotated frames, '
-                   f'e.g. {missing[:5]}')
+  problems = [f'{source}: key {k!r}: missing (expected a 2-D map for every '
+              f'annotated frame; {len(wanted)} frames are annotated)'
+              for k in wanted if k not in have]
   extra = sorted(have - set(wanted))
   if extra:
     logging.warning('--heatmaps has %d keys without annotations (ignored), e.g. %s',
                     len(extra), extra[:5])
-  problems = []
   for k in wanted:
-    m = maps[k]
+    if k not in have:
+      continue
+    try:
+      m = np.asarray(maps[k])
+    except ValueError as e:   # e.g. an object array, which needs pickle
+      problems.append(f'{source}: key {k!r}: unreadable ({e}); expected a numeric 2-D array')
+      continue
     if m.ndim != 2 or min(m.shape) < 1:
-      problems.append(f'{k}: shape {m.shape}, expected a 2-D map')
-    elif not np.issubdtype(m.dtype, np.number) or not np.isfinite(m).all():
-      problems.append(f'{k}: contains NaN/Inf' if np.issubdtype(m.dtype, np.number)
-                      else f'{k}: dtype {m.dtype} is not numeric')
+      problems.append(f'{source}: key {k!r}: shape {m.shape}, expected a 2-D map')
+    elif not np.issubdtype(m.dtype, np.number) or np.issubdtype(m.dtype, np.complexfloating):
+      problems.append(f'{source}: key {k!r}: dtype {m.dtype} is not real-valued, '
+                      'expected a numeric 2-D map')
+    elif not np.isfinite(m).all():
+      problems.append(f'{source}: key {k!r}: contains NaN/Inf '
+                      f'({int((~np.isfinite(m)).sum())} of {m.size} values), '
+                      'expected finite scores')
   if problems:
-    raise ValueError(f'{len(problems)} bad heat maps: ' + '; '.join(problems[:10]))
+    more = len(problems) - MAX_LISTED
+    raise cli.InputError(*problems[:MAX_LISTED], *(
+        [f'{source}: ... and {more} more bad keys'] if more > 0 else []))
 
 
 def make_config(protocol_thresholds, headline: float, interpolation: str,
@@ -229,17 +251,27 @@ def evaluate(frames: list[FrameAnnotation], maps, config, *, protocol: str = 'av
   return ev.finalize(calibration), ev.records(), frame_name
 
 
-def _open_npz(path: str):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'--heatmaps: {path!r} does not exist')
+def open_heatmaps(path: str):
+  """The .npz of maps, or `cli.InputError` saying what the file is instead."""
+  expected = 'an .npz archive of 2-D maps keyed <video_id>/<frame_index> (np.savez)'
+  if not os.path.isfile(path):
+    raise cli.InputError(f'--heatmaps: {path}: no such file; expected {expected}')
   try:
-    return np.load(path, allow_pickle=False)
-  except (zipfile.BadZipFile, ValueError) as e:
-    raise ValueError(f'--heatmaps: {path!r} is not a readable .npz ({e})') from None
+    maps = np.load(path, allow_pickle=False)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise cli.InputError(f'--heatmaps: {path}: not readable as .npz ({e}); '
+                         f'expected {expected}') from None
+  if not isinstance(maps, np.lib.npyio.NpzFile):
+    raise cli.InputError(
+        f'--heatmaps: {path}: holds one {maps.ndim}-D array of shape {maps.shape} '
+        f'(a .npy file), expected {expected}')
+  return maps
 
 
+@cli.user_errors(ValueError, FileNotFoundError)
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.heatmaps or not FLAGS.annotations:
     raise app.UsageError('--heatmaps and --annotations are required')
   calibration = None
@@ -256,8 +288,8 @@ def main(argv):
   config = make_config(thresholds, FLAGS.heatmap_threshold, FLAGS.interpolation,
                        FLAGS.offscreen_rule, tuple(int(v) for v in FLAGS.annotation_size))
   frames = load_annotations(FLAGS.annotations)
-  maps = _open_npz(FLAGS.heatmaps)
-  check_heatmaps(frames, maps)
+  maps = open_heatmaps(FLAGS.heatmaps)
+  check_heatmaps(frames, maps, f'--heatmaps: {FLAGS.heatmaps}')
   results, table, frame_name = evaluate(frames, maps, config, protocol=FLAGS.protocol,
                                         calibration=calibration,
                                         batch_frames=FLAGS.batch_frames)

@@ -65,7 +65,6 @@ import glob
 import json
 import logging as logging_std
 import os
-import sys
 from typing import Callable, Iterator, Sequence
 
 import av
@@ -79,7 +78,7 @@ from PIL import Image
 
 from tavlo_datasets import media
 from tavlo_datasets.robustness import BadExample
-from tavlo_jax import config_lib, models
+from tavlo_jax import cli, config_lib, models
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import sampling
 from tavlo_jax.evaluation import evaluator, visualize
@@ -569,8 +568,9 @@ class VideoResult:
 
 
 def _read_waveform(path: str, info, sample_rate: int, on_missing_audio: str) -> np.ndarray:
-  if info.has_audio:
-    return media.read_audio(path, sample_rate)
+  if info.has_audio:   # over the video's span, as the builders store it
+    return media.audio_for_video(path, media.read_audio(path, sample_rate),
+                                 sample_rate, info.duration)
   if on_missing_audio != 'silence':
     raise LocalizeError(
         f'{path}: the file has no audio stream, so there is no sound to '
@@ -729,6 +729,7 @@ class _QuietOrbax(logging_std.Filter):
     return record.levelno >= logging_std.ERROR or 'orbax' not in record.pathname
 
 
+@cli.user_errors()
 def main(flag, argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
@@ -760,8 +761,7 @@ def main(flag, argv):
       results.append(r)
     paths = write_outputs(f['out'], results, trained, f['checkpoint'])
   except (LocalizeError, BadExample) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e))
   print('wrote', ', '.join(paths.values()))
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,7 +53,8 @@ def _init_distributed():
 
 class _QuietLibraries:
   """Drops INFO chatter of Orbax/absl internals from the console; keeps warnings."""
-  NOISY = ('orbax', 'checkpoint_manager', 'async_checkpointer', 'xla_bridge')
+  NOISY = ('orbax', 'checkpoint_manager', 'async_checkpointer', 'xla_bridge',
+           'dataset_info.py')   # TFDS: 'Load dataset info from ...' per builder
 
   def filter(self, record):
     if record.levelno >= logging_std.WARNING:
@@ -125,8 +127,15 @@ def _explain_config_override_error(argv) -> str | None:
 def _parse_flags(argv):
   """absl's parser, but a bad `--config...` gives one clear line, no traceback."""
   try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
+    rest = flags.FLAGS(argv)
+    # config_flags stands a placeholder for a config file it could not load
+    # (raising on first use, deep in the job): make that a parse error here.
+    config = flags.FLAGS['config'].value
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+      raise ValueError('the config file could not be loaded')
+    return rest
+  except (KeyError, AttributeError, TypeError, ValueError, OSError,
+          flags.Error) as e:
     line = _explain_config_override_error(argv) or f'{type(e).__name__}: {e}'
     print(f'error: {line}', file=sys.stderr)
     sys.exit(2)

@@ -19,13 +19,13 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 
-from tavlo_jax import losses
+from tavlo_jax import cli, losses
+# main's --config flag (locked) and its one-line errors for bad overrides.
+from tavlo_jax import main as main_lib
 from tavlo_jax.models import build_model
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'config file[:variant]', lock_config=True)
+_CONFIG = main_lib._CONFIG  # pylint: disable=protected-access
 _BATCH = flags.DEFINE_integer('batch', 2, 'clips per batch for the FLOP count')
 _TRAIN = flags.DEFINE_bool('train', False, 'also count a training step')
 
@@ -74,9 +74,13 @@ def count(config, batch: int = 2, flops: bool = True, train: bool = False):
   return out
 
 
+@cli.user_errors(ValueError)   # a config whose fields do not fit together
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/avatar_synth.py')
   result = count(config, _BATCH.value, flops=True, train=_TRAIN.value)
   print(f'model {config.model.name}: {result["params"]:,} parameters')
   for name, n in result['params_by_module'].items():
@@ -90,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access

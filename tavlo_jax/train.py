@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -220,6 +221,17 @@ def compile_steps(config, model, mesh, state_shardings):
 # Logging
 # ---------------------------------------------------------------------------
 
+_TAG_ILLEGAL = re.compile(r'[^-/\w.]')
+
+
+def tensorboard_tag(name: str) -> str:
+  """A metric name as a TensorBoard tag: characters outside [-/\\w.] become
+  '_' ('eval/total/fixed@0.1/ciou' -> 'eval/total/fixed_0.1/ciou'), the rule
+  TensorBoard would otherwise apply itself with one console line per name.
+  metrics.jsonl keeps the names as they are."""
+  return _TAG_ILLEGAL.sub('_', name).lstrip('/')
+
+
 class MetricWriter:
   """Console + TensorBoard (tensorboardX) + JSON lines; process 0 writes."""
 
@@ -237,7 +249,7 @@ class MetricWriter:
     if not self.enabled:
       return
     for k, v in values.items():
-      self.tb.add_scalar(k, v, step)
+      self.tb.add_scalar(tensorboard_tag(k), v, step)
     self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self.jsonl.flush()
 
@@ -245,7 +257,7 @@ class MetricWriter:
     if not self.enabled:
       return
     for k, img in images.items():
-      self.tb.add_image(k, img, step, dataformats='HWC')
+      self.tb.add_image(tensorboard_tag(k), img, step, dataformats='HWC')
 
   def close(self):
     if self.enabled:
@@ -298,6 +310,8 @@ def run(config, workdir: str, mode: str = 'train_and_eval'):
     logging.info('Resumed from step %d (%s)', step, ckpt.directory)
   elif mode == 'eval':
     raise SystemExit(f'--mode=eval: no checkpoint in {ckpt.directory}')
+  else:
+    state = _initial_weights(config, state)
 
   train_fn, predict_fn = compile_steps(config, model, mesh, state_shardings)
   writer = MetricWriter(workdir, config.train.total_steps)
@@ -315,6 +329,22 @@ def run(config, workdir: str, mode: str = 'train_and_eval'):
     writer.close()
     multihost_utils.sync_global_devices('tavlo_jax.train.run:end')
   return state
+
+
+def _initial_weights(config, state):
+  """A fresh state, with the visual encoder's pretrained weights if the
+  config names a file (a resumed run keeps its checkpoint instead)."""
+  path = config.model.visual.init_from
+  if not path:
+    logging.info('Visual encoder: trained from scratch '
+                 '(config.model.visual.init_from is empty).')
+    return state
+  from tavlo_jax.models import convert_torch  # pylint: disable=g-import-not-at-top
+  params, batch_stats = convert_torch.init_visual_encoder(
+      state.params, state.batch_stats, path)
+  logging.info('Visual encoder: initialised from %s (torchvision ResNet '
+               'weights, fc layer unused).', os.path.abspath(path))
+  return state.replace(params=params, batch_stats=batch_stats)
 
 
 def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tavlo_jax import evaluate_maps
+from tavlo_jax import cli, evaluate_maps
 from tavlo_jax.evaluation import evaluator as evaluator_lib
 
 SIZE = (72, 128)           # annotation size used by the tests (AVATAR: 360x640)
@@ -142,12 +142,23 @@ def test_bad_heatmaps_are_named(annotations, caplog):
   _, frames = annotations
   maps = _gt_maps(frames)
   short = {k: v for k, v in maps.items() if k != 'vidC/16'}
-  with pytest.raises(KeyError, match=r"lacks 1 of 7.*vidC/16"):
+  with pytest.raises(cli.InputError, match=r"key 'vidC/16': missing"):
     evaluate_maps.check_heatmaps(frames, short)
-  with pytest.raises(ValueError, match=r'vidA/8: contains NaN'):
+  with pytest.raises(cli.InputError, match=r"key 'vidA/8': contains NaN"):
     evaluate_maps.check_heatmaps(frames, {**maps, 'vidA/8': np.full((4, 4), np.nan)})
-  with pytest.raises(ValueError, match=r'vidB/0: shape \(2, 4, 4\)'):
+  with pytest.raises(cli.InputError, match=r"key 'vidB/0': shape \(2, 4, 4\)"):
     evaluate_maps.check_heatmaps(frames, {**maps, 'vidB/0': np.zeros((2, 4, 4))})
+  # One line per bad key, each naming the file and the key.
+  with pytest.raises(cli.InputError) as bad:
+    evaluate_maps.check_heatmaps(
+        frames, {**short, 'vidA/8': np.full((4, 4), np.inf), 'vidB/0': np.zeros(3)},
+        source='--heatmaps: m.npz')
+  assert bad.value.lines == [
+      "--heatmaps: m.npz: key 'vidC/16': missing (expected a 2-D map for every "
+      'annotated frame; 7 frames are annotated)',
+      "--heatmaps: m.npz: key 'vidA/8': contains NaN/Inf (16 of 16 values), "
+      'expected finite scores',
+      "--heatmaps: m.npz: key 'vidB/0': shape (3,), expected a 2-D map"]
   with caplog.at_level(logging.WARNING):
     evaluate_maps.check_heatmaps(frames, {**maps, 'vidZ/3': np.zeros((4, 4))})
   assert 'vidZ/3' in caplog.text
@@ -181,3 +192,58 @@ def test_cli_writes_reports(annotations, tmp_path):
     rows = f.read().splitlines()
   assert len(rows) == 1 + 7 and rows[1].startswith('vidA/0,')
   assert os.path.exists(os.path.join(out, 'eval.md'))
+
+
+def _cli(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'tavlo_jax.evaluate_maps', *args],
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+
+
+def _bad_inputs(root, frames, tmp_path):
+  """name -> (--heatmaps file, --annotations dir, what the one line says)."""
+  maps = _gt_maps(frames)
+  cases = {}
+
+  def npz(name, content):
+    path = tmp_path / f'{name}.npz'
+    np.savez(path, **content)
+    return path
+
+  cases['missing_key'] = (npz('short', {k: v for k, v in maps.items() if k != 'vidC/16'}),
+                          root, "key 'vidC/16': missing")
+  cases['nan_map'] = (npz('nan', {**maps, 'vidA/8': np.full((4, 4), np.nan)}), root,
+                      "key 'vidA/8': contains NaN/Inf (16 of 16 values)")
+  cases['wrong_shape'] = (npz('shape', {**maps, 'vidB/0': np.zeros((2, 4, 4))}), root,
+                          "key 'vidB/0': shape (2, 4, 4), expected a 2-D map")
+  text = tmp_path / 'maps_text.npz'
+  text.write_text('vidA/0 0.1 0.2\n')
+  cases['text_file'] = (text, root, 'not readable as .npz')
+  npy = tmp_path / 'maps_array.npz'
+  with open(npy, 'wb') as f:
+    np.save(f, np.zeros((7, 4, 4)))
+  cases['npy_named_npz'] = (npy, root, 'holds one 3-D array of shape (7, 4, 4) (a .npy file)')
+  cases['no_file'] = (tmp_path / 'absent.npz', root, 'no such file')
+  bad_json = tmp_path / 'bad_release'
+  write_fixture(str(bad_json))
+  (bad_json / 'metadata' / 'vidA' / '8.json').write_text('{"original_width": 1280,')
+  cases['bad_json'] = (npz('good', maps), bad_json, '8.json: not valid JSON')
+  return cases
+
+
+CASES = ('missing_key', 'nan_map', 'wrong_shape', 'text_file', 'npy_named_npz',
+         'no_file', 'bad_json')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', CASES)
+def test_cli_bad_input_is_one_line_and_exit_2(annotations, tmp_path, case):
+  root, frames = annotations
+  heatmaps, ann, says = _bad_inputs(root, frames, tmp_path)[case]
+  r = _cli(f'--heatmaps={heatmaps}', f'--annotations={ann}')
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and says in lines[0], r.stderr[-3000:]
+  assert 'Traceback' not in r.stderr
+  assert case == 'bad_json' or str(heatmaps) in lines[0]

@@ -453,7 +453,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'tavlo_jax.localize',
                       f'--checkpoint={tmp_path / "nope"}', f'--video={tmp_path / "x.mp4"}'],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith('error: --video=')
   assert 'Traceback' not in r.stderr
 
@@ -525,5 +525,5 @@ def test_trained_model_points_at_the_sounding_object(tmp_path):
   r = subprocess.run(
       [sys.executable, '-m', 'tavlo_jax.category_probe', f'--checkpoint={tmp_path}/none'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1].startswith(f"error: --checkpoint='{tmp_path}/none'")

@@ -47,9 +47,19 @@ def predict_split(config, state, predict_fn, data, mesh, split: str,
       kept.append((host_batch, np.asarray(full)[:rows]))
     if (i + 1) % 10 == 0 or i + 1 == len(batches):
       elapsed = time.perf_counter() - t0
-      logging.info('eval %s %s: batch %d/%d (%.1f s, ETA %.0f s)', desc, split, i + 1,
+      logging.info('eval %s: batch %d/%d (%.1f s, ETA %.0f s)',
+                   split if desc in ('', split) else f'{desc} ({split})', i + 1,
                    len(batches), elapsed, elapsed / (i + 1) * (len(batches) - i - 1))
   return ev, kept
+
+
+def scored_dataset(config) -> str:
+  """'name/builder_config' of the dataset evaluated: the eval dataset when
+  one is set (AVATAR while training on VGGSound), else the training one."""
+  d = config.dataset
+  if d.eval_name:
+    return f'{d.eval_name}/{d.eval_builder_config}'.rstrip('/')
+  return f'{d.name}/{d.builder_config}'.rstrip('/')
 
 
 def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: int,
@@ -68,7 +78,7 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
   results = ev.finalize(calibration)
   results['step'] = step
   results['split'] = d.eval_split
-  results['dataset'] = f'{d.name}/{d.builder_config}'
+  results['dataset'] = scored_dataset(config)
   results['model'] = config.model.name
 
   writer.scalars(step, evaluator_lib.scalar_metrics(results))

@@ -14,6 +14,8 @@ space, height, width, embed, heads, head_dim, mlp, channels, mel, audio_time.
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -69,8 +71,31 @@ def _check(config: ml_collections.ConfigDict) -> None:
         f'{m.cross_modal_attention}); set it to 0 for this model')
 
 
+def _check_init_from(v: ml_collections.ConfigDict) -> None:
+  """Pretrained weights fit only torchvision's ResNet-18: say so before any
+  data is read or anything compiled (the loader checks every tensor too)."""
+  path = v.get('init_from', '')
+  if not path:
+    return
+  if not os.path.isfile(path):
+    raise ValueError(f'config.model.visual.init_from={path!r}: no such file')
+  if not path.endswith(('.safetensors', '.npz', '.pth', '.pt')):
+    raise ValueError(f'config.model.visual.init_from={path!r}: expected a '
+                     '.safetensors or .npz file (or .pth with torch installed)')
+  got = dict(stem=v.stem, width=v.width, stage_sizes=tuple(v.stage_sizes),
+             stage_strides=tuple(v.stage_strides), norm=v.norm)
+  want = dict(stem='imagenet', width=64, stage_sizes=(2, 2, 2, 2),
+              stage_strides=(1, 2, 2, 2), norm='batch')
+  if got != want:
+    diff = ', '.join(f'{k}={got[k]} (need {want[k]})' for k in want
+                     if got[k] != want[k])
+    raise ValueError('config.model.visual.init_from needs the torchvision '
+                     f'ResNet-18 shape: {diff}')
+
+
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   _check(config)
+  _check_init_from(config.model.visual)
   m = config.model
   dtype = DTYPES[m.dtype]
   visual = ResNet(stage_sizes=tuple(m.visual.stage_sizes), width=m.visual.width,

@@ -1,6 +1,16 @@
 """Load torchvision ResNet-18 weights into the visual encoder (optional).
 
-  sd = load_state_dict('resnet18-f37072fd.pth')        # or .safetensors / .npz
+Training sets `config.model.visual.init_from` to a local weights file and
+`train.run` calls `init_visual_encoder` on a fresh state. No torch is needed
+for .safetensors (e.g. timm's `resnet18.tv_in1k` model.safetensors, which
+holds torchvision's ImageNet weights under torchvision's names) or .npz; a
+torchvision .pth is converted once, where torch is installed:
+
+  python -m tavlo_jax.models.convert_torch resnet18-f37072fd.pth resnet18.npz
+
+In code:
+
+  sd = load_state_dict('model.safetensors')            # or .npz / .pth
   variables = load_visual_encoder(variables, sd)
 
 The encoder must be the torchvision shape: stem 'imagenet', width 64,
@@ -16,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import flax
 import flax.linen as nn
@@ -103,6 +114,21 @@ def torchvision_to_flax(state_dict) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def _check_matches(ours: set, wanted: set) -> None:
+  if ours != wanted:
+    raise ValueError(
+        'the torchvision weights do not match the visual encoder '
+        '(config.model.visual must be stem=imagenet, width=64, stage_sizes='
+        '(2,2,2,2), stage_strides=(1,2,2,2), norm=batch); missing: '
+        f'{sorted(ours - wanted)[:5]}, unexpected: {sorted(wanted - ours)[:5]}')
+
+
+def _check_shape(target: tuple, have, value) -> None:
+  if tuple(have) != tuple(value.shape):
+    raise ValueError(f'{"/".join(target)}: shape {tuple(have)} but the '
+                     f'weights give {tuple(value.shape)}')
+
+
 def load_visual_encoder(variables, state_dict,
                         scope: str | None = 'visual_encoder'):
   """Returns (unboxed) `variables` with the encoder's weights replaced.
@@ -119,16 +145,63 @@ def load_visual_encoder(variables, state_dict,
   flat = flax.traverse_util.flatten_dict(variables)
   ours = {k for k in flat if k[1:1 + len(prefix)] == prefix}
   wanted = {at(k) for k in converted}
-  if ours != wanted:
-    raise ValueError(
-        'the torchvision weights do not match the visual encoder '
-        '(config.model.visual must be stem=imagenet, width=64, stage_sizes='
-        '(2,2,2,2), stage_strides=(1,2,2,2), norm=batch); missing: '
-        f'{sorted(ours - wanted)[:5]}, unexpected: {sorted(wanted - ours)[:5]}')
+  _check_matches(ours, wanted)
   for key, value in converted.items():
     target = at(key)
-    if flat[target].shape != value.shape:
-      raise ValueError(f'{"/".join(target)}: shape {flat[target].shape} but '
-                       f'the weights give {value.shape}')
+    _check_shape(target, flat[target].shape, value)
     flat[target] = value.astype(flat[target].dtype)
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def init_visual_encoder(params, batch_stats, path: str,
+                        scope: str = 'visual_encoder'):
+  """(params, batch_stats) of a fresh train state with the encoder's weights
+  read from `path` (.safetensors, .npz or, with torch, .pth).
+
+  Works on global (sharded, possibly multi-process) jax arrays: each new
+  array gets the old one's sharding and every process fills its own shards
+  from its copy of the file, so nothing is gathered on one host.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  converted = flax.traverse_util.flatten_dict(
+      torchvision_to_flax(load_state_dict(path)))
+  trees = {'params': params, 'batch_stats': batch_stats or {}}
+  flat = {(c,) + k: v for c, tree in trees.items()
+          for k, v in flax.traverse_util.flatten_dict(tree).items()}
+  ours = {k for k in flat if k[1] == scope}
+  wanted = {(k[0], scope) + k[1:] for k in converted}
+  _check_matches(ours, wanted)
+  for key, value in converted.items():
+    target = (key[0], scope) + key[1:]
+    old = flat[target]
+    _check_shape(target, old.shape, value)
+    value = value.astype(old.dtype)
+    flat[target] = jax.make_array_from_callback(
+        old.shape, old.sharding, lambda index, v=value: v[index])
+  out = {c: flax.traverse_util.unflatten_dict(
+      {k[1:]: v for k, v in flat.items() if k[0] == c}) for c in trees}
+  return out['params'], out['batch_stats']
+
+
+def main(argv=None) -> int:
+  """One-time conversion: a torchvision .pth (needs torch) -> .npz."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      description='Converts torchvision ResNet weights (.pth) to an .npz '
+      'that training reads without torch (config.model.visual.init_from).')
+  parser.add_argument('source', help='torchvision state dict (.pth)')
+  parser.add_argument('target', help='output .npz')
+  args = parser.parse_args(argv)
+  try:
+    state_dict = load_state_dict(args.source)
+    torchvision_to_flax(state_dict)         # refuse what would not load
+  except (OSError, ImportError, ValueError) as e:
+    print(f'error: {args.source}: {e}', file=sys.stderr)
+    return 2
+  np.savez(args.target, **state_dict)
+  print(f'wrote {len(state_dict)} tensors to {args.target}')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
