@@ -44,6 +44,7 @@ KINDS = (
     'no_video',          # mp4 without a video stream
     'no_audio',          # mp4 without an audio stream
     'bad_json',          # annotation file that does not parse as JSON
+    'bad_xml',           # annotation file that does not parse as XML
     'missing_field',     # annotation JSON lacking a field or with a bad value
     'polygon_outside',   # a polygon entirely outside the frame
     'frame_outside',     # an annotated frame past the end of the video

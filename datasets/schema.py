@@ -35,6 +35,15 @@ top-level sequences of fixed-shape records:
 Off-screen frames have an entry in `frames_annotated` and usually no sounding
 instance; the ground-truth map of a frame is the union of the masks of its
 sounding instances.
+
+Weighted ground truth (an extension; `features(weighted_gt=True)` adds it):
+
+  gt_votes          i32    []   a pixel covered by c sounding instances weighs
+                                min(c / gt_votes, 1)
+
+Flickr-SoundNet stores each annotator's box as one instance and gt_votes=2
+(pixels one annotator marks weigh 0.5, two or more weigh 1). A record
+without the field is read as gt_votes=1: the union above.
 """
 
 from __future__ import annotations
@@ -82,10 +91,13 @@ def tags_to_multihot(tags) -> np.ndarray:
 
 
 def features(*, frame_height: int, frame_width: int, mask_height: int,
-             mask_width: int) -> tfds.features.FeaturesDict:
-  """The FeaturesDict every builder returns from `_info`."""
+             mask_width: int, weighted_gt: bool = False) -> tfds.features.FeaturesDict:
+  """The FeaturesDict every builder returns from `_info` (+ `gt_votes` when
+  `weighted_gt`)."""
   f = tfds.features
+  extension = {'gt_votes': f.Scalar(dtype=np.int32)} if weighted_gt else {}
   return f.FeaturesDict({
+      **extension,
       'video_id': f.Text(),
       'frames': f.Tensor(shape=(None, frame_height, frame_width, 3),
                          dtype=np.uint8, encoding=f.Encoding.ZLIB),
