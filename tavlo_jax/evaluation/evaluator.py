@@ -58,11 +58,12 @@ class Evaluator:
   arrays; batches that are already global jax.Arrays are used as they are,
   and host-local arrays without a mesh are scored per process and gathered.
   `category_names` (index = category) only labels `results['per_category']`.
+  `eval_names`: the `config.evals` entries to pool (None = all of them).
   """
 
   def __init__(self, config, *, protocol: str = 'avatar', mesh=None,
                batch_axes=('data', 'fsdp'), with_oracle: bool = True,
-               category_names=None):
+               category_names=None, eval_names=None):
     if protocol not in PROTOCOLS:
       raise ValueError(f'protocol {protocol!r}: expected one of {PROTOCOLS}')
     ec = config.eval
@@ -89,6 +90,8 @@ class Evaluator:
                        f'{ec.offscreen_window_quantile} in [0, 1]')
     self.pools = {}
     for name, entry in config.evals.items():
+      if eval_names is not None and name not in eval_names:
+        continue   # an entry scored on another dataset (runner.eval_groups)
       if entry.frames not in POOL_FRAMES:
         raise ValueError(f'config.evals.{name}.frames={entry.frames!r}: '
                          f'expected one of {POOL_FRAMES}')
