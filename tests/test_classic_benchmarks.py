@@ -5,6 +5,7 @@ expected ground truths and scores are computed by hand in the comments.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,10 +19,10 @@ from tavlo_datasets.flickr_soundnet import Builder as FlickrBuilder
 from tavlo_datasets.flickr_soundnet import annotations as flickr_annotations
 from tavlo_datasets.robustness import BadExample
 from tavlo_datasets.vggss import Builder as VggssBuilder
-from tavlo_jax import config_lib, evaluate_maps
+from tavlo_jax import config_lib, evaluate_maps, input_data
 from tavlo_jax.data import pipeline
 from tavlo_jax.evaluation import aggregates, classic_gt, evaluator as evaluator_lib, metrics
-from tavlo_jax.evaluation import runner
+from tavlo_jax.evaluation import published, runner
 
 SIZE = (224, 224)
 
@@ -295,3 +296,63 @@ def test_paper_real_scores_each_benchmark_on_its_own_dataset():
   assert 'total' in groups[('', '', 'avatar')]
   assert config_lib.load_config_file('configs/paper.py:real+train144k').dataset.builder_config == '144k'
   assert config_lib.load_config_file('configs/paper.py:real+runlocal').dataset.builder_config == '10k'
+
+
+def test_published_numbers_sit_beside_ours():
+  lines = published.comparison_lines('vggss/default', 'test', {'success': 12.5, 'auc': 20.0})
+  assert '| this run | 12.50 | 20.00 |' in lines
+  assert '| EZ-VSL + OGL [VGGSound-144k] | 38.85 | 39.54 |' in lines
+  lines = published.comparison_lines('flickr_soundnet/default', 'test_plus_silent',
+                                     {'ap': 1.0, 'max_f1': 2.0})
+  assert '| SLAVC [VGGSound-144k] | 51.63 | 59.10 |' in lines
+  assert published.comparison_lines('avatar/default', 'test', {}) == []
+
+
+def test_an_unbuilt_benchmark_is_skipped_with_its_build_command(tmp_path):
+  config = config_lib.load_config_file('configs/paper.py:real')
+  with config.unlocked():
+    config.dataset.data_dir = str(tmp_path)
+  data, why = input_data.eval_only_data(config, 'vggss/default')
+  assert data is None
+  assert 'not built' in why and 'python -m tavlo_datasets.build vggss --config=default' in why
+
+
+@pytest.mark.slow
+def test_paper_real_runlocal_prints_the_three_tables(tmp_path):
+  """Builds all four datasets from fixtures, trains 4 steps, evaluates."""
+  import fixtures.avatar_release as avatar_fixture  # pylint: disable=import-outside-toplevel
+  from tavlo_datasets.avatar import Builder as AvatarBuilder  # pylint: disable=import-outside-toplevel
+  from tavlo_datasets.vggsound import Builder as VggsoundBuilder  # pylint: disable=import-outside-toplevel
+  raw, data = tmp_path / 'raw', tmp_path / 'tfds'
+  avatar_fixture.write_release(raw / 'avatar')
+  clips = [avatar_fixture.FixtureVideo(f'train_{i}', num_frames=24, tone_hz=300 + 50 * i)
+           for i in range(4)]
+  for clip in clips:
+    avatar_fixture.write_video(raw / 'vggsound' / f'{clip.video_id}.mp4', clip)
+  (raw / 'vggsound' / 'vggsound_10k.txt').write_text('\n'.join(c.video_id for c in clips))
+  classic_sets.write_vggss(raw / 'vggss')
+  classic_sets.write_flickr(raw / 'flickr')
+  for cls, folder, name in ((AvatarBuilder, 'avatar', 'default'),
+                            (VggsoundBuilder, 'vggsound', '10k'),
+                            (VggssBuilder, 'vggss', 'default'),
+                            (FlickrBuilder, 'flickr', 'default')):
+    cls(config=name, data_dir=str(data)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(raw / folder)),
+        file_format='array_record')
+  out = subprocess.run(
+      [sys.executable, '-m', 'tavlo_jax.main', '--config=configs/paper.py:real+runlocal',
+       f'--workdir={tmp_path / "run"}', f'--config.dataset.data_dir={data}'],
+      # One CPU device, as a user's laptop has (conftest sets 8 for this process).
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
+      capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for heading in ('flickr_soundnet/default test,', 'flickr_soundnet/default test_plus_silent,',
+                  'vggss/default test,', 'vggss/default test_plus_silent,'):
+    assert heading in out.stdout
+  assert out.stdout.count('protocol=classic') == 4 and 'protocol=avatar' in out.stdout
+  assert '| EZ-VSL + OGL [VGGSound-144k] | 83.94 | 63.60 |' in out.stdout
+  assert '| SLAVC [VGGSound-144k] | 32.95 | 40.00 |' in out.stdout
+  results = json.loads((tmp_path / 'run' / 'eval' / 'step_4' / 'vggss_test_plus_silent' /
+                        'eval.json').read_text())
+  pool = results['scenarios']['vggss_extended']
+  assert (pool['num_onscreen'], pool['num_offscreen']) == (2, 1)
