@@ -105,8 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 # The single-frame benchmarks every peer reports, scored as they score them
-# (top 50% with >=, cIoU>=0.5 rate, AUC; AP / max-F1 on SLAVC's extended
-# sets). Each is one `config.evals` entry on its own dataset and split; one
+# (maps upsampled to 224x224 as torch's bicubic with align_corners=True, top
+# 50% with >=, cIoU>=0.5 rate, AUC; AP / max-F1 on SLAVC's extended sets). Each is one `config.evals` entry on its own dataset and split; one
 # that is not built is skipped with a line saying how to build it.
 CLASSIC_EVALS = (
     ('vggss', 'vggss/default', 'test'),
@@ -120,4 +120,4 @@ def add_classic_evals(config: ml_collections.ConfigDict) -> None:
   for name, dataset, split in CLASSIC_EVALS:
     config.evals[name] = ml_collections.ConfigDict({
         'split': split, 'frames': 'all', 'prefix': f'eval/{name}/',
-        'dataset': dataset, 'protocol': 'classic'})
+        'dataset': dataset, 'protocol': 'classic', 'interpolation': 'bicubic_torch'})

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from tavlo_datasets import schema
 from tavlo_jax import config_lib
-from tavlo_jax.evaluation import classic_gt, evaluator as evaluator_lib, report
+from tavlo_jax.evaluation import classic_gt, evaluator as evaluator_lib, metrics, report
 
 AVATAR_SIZE = (360, 640)   # (H, W) of the AVATAR protocol
 
@@ -59,8 +59,9 @@ def _define_flags():
   flags.DEFINE_string('out', None, 'Directory for JSON / Markdown / CSV (optional).')
   flags.DEFINE_float('heatmap_threshold', 0.1, 'Headline threshold on the normalised map.')
   flags.DEFINE_list('heatmap_thresholds', ['0.1', '0.15', '0.2'], 'All thresholds reported.')
-  flags.DEFINE_enum('interpolation', 'bilinear', ['bilinear', 'bicubic', 'nearest'],
-                    'Resizing of maps to the annotation size.')
+  flags.DEFINE_enum('interpolation', 'bilinear', list(metrics.INTERPOLATIONS),
+                    "Resizing of maps to the annotation size (the classic peers': "
+                    'bicubic_torch).')
   flags.DEFINE_enum('offscreen_rule', 'no_pixel_above', ['no_pixel_above', 'raw_max'],
                     'TN rule for Off-Screen frames (raw_max needs --raw_threshold).')
   flags.DEFINE_float('raw_threshold', None, "raw_max rule: calibrated raw threshold.")

@@ -289,11 +289,11 @@ def test_vggss_box_file_with_a_bad_entry_names_it(tmp_path):
 def test_paper_real_scores_each_benchmark_on_its_own_dataset():
   config = config_lib.load_config_file('configs/paper.py:real')
   groups = runner.eval_groups(config)
-  assert groups[('vggss/default', 'test', 'classic')] == ['vggss']
-  assert groups[('vggss/default', 'test_plus_silent', 'classic')] == ['vggss_extended']
-  assert groups[('flickr_soundnet/default', 'test', 'classic')] == ['flickr']
-  assert groups[('flickr_soundnet/default', 'test_plus_silent', 'classic')] == ['flickr_extended']
-  assert 'total' in groups[('', '', 'avatar')]
+  assert groups[('vggss/default', 'test', 'classic', 'bicubic_torch')] == ['vggss']
+  assert groups[('vggss/default', 'test_plus_silent', 'classic', 'bicubic_torch')] == ['vggss_extended']
+  assert groups[('flickr_soundnet/default', 'test', 'classic', 'bicubic_torch')] == ['flickr']
+  assert groups[('flickr_soundnet/default', 'test_plus_silent', 'classic', 'bicubic_torch')] == ['flickr_extended']
+  assert 'total' in groups[('', '', 'avatar', 'bilinear')]
   assert config_lib.load_config_file('configs/paper.py:real+train144k').dataset.builder_config == '144k'
   assert config_lib.load_config_file('configs/paper.py:real+runlocal').dataset.builder_config == '10k'
 
@@ -356,3 +356,35 @@ def test_paper_real_runlocal_prints_the_three_tables(tmp_path):
                         'eval.json').read_text())
   pool = results['scenarios']['vggss_extended']
   assert (pool['num_onscreen'], pool['num_offscreen']) == (2, 1)
+
+
+def torch_bicubic_reference(x: np.ndarray, size) -> np.ndarray:
+  """torch's bicubic, align_corners=True, one output pixel at a time (float64)."""
+  a = -0.75
+  def kernel(d):
+    d = abs(d)
+    if d <= 1:
+      return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+    return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a if d < 2 else 0.0
+  (h, w), (oh, ow) = x.shape, size
+  out = np.zeros(size)
+  for i in range(oh):
+    for j in range(ow):
+      ry, rx = i * (h - 1) / (oh - 1), j * (w - 1) / (ow - 1)
+      y0, x0 = int(np.floor(ry)), int(np.floor(rx))
+      for dy in range(-1, 3):
+        for dx in range(-1, 3):
+          yy, xx = min(max(y0 + dy, 0), h - 1), min(max(x0 + dx, 0), w - 1)
+          out[i, j] += kernel(ry - (y0 + dy)) * kernel(rx - (x0 + dx)) * x[yy, xx]
+  return out
+
+
+def test_bicubic_torch_upsampling_matches_the_formula():
+  x = np.random.default_rng(0).normal(size=(4, 5))
+  up = np.asarray(metrics.upsample(x[None], (9, 13), 'bicubic_torch')[0])
+  np.testing.assert_allclose(up, torch_bicubic_reference(x, (9, 13)), atol=1e-5)
+  # align_corners: the corner pixels are the input's corners; a flat map stays flat.
+  np.testing.assert_allclose(up[[0, 0, -1, -1], [0, -1, 0, -1]],
+                             x[[0, 0, -1, -1], [0, -1, 0, -1]], atol=1e-6)
+  flat = np.asarray(metrics.upsample(np.full((1, 7, 7), 0.3), (224, 224), 'bicubic_torch'))
+  np.testing.assert_allclose(flat, 0.3, atol=1e-6)

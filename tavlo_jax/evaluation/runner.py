@@ -27,31 +27,34 @@ from tavlo_jax.evaluation import report, visualize
 _OVERLAY_BATCHES = 2
 
 
-def eval_groups(config) -> dict[tuple[str, str, str], list[str]]:
-  """(dataset, split, protocol) -> the `config.evals` entries scored together.
+def eval_groups(config) -> dict[tuple[str, str, str, str], list[str]]:
+  """(dataset, split, protocol, interpolation) -> the `config.evals` entries
+  scored together.
 
   An entry's optional `dataset` ('name/builder_config') scores it on another
   test set than the run's (e.g. VGG-SS and Flickr-SoundNet beside AVATAR),
-  on its own `split`, with its optional `protocol`; entries without one
-  share the run's eval dataset, split and protocol (dataset '').
+  on its own `split`, with its optional `protocol` and `interpolation`;
+  entries without one share the run's eval dataset, split and config.eval
+  choices (dataset '').
   """
-  groups: dict[tuple[str, str, str], list[str]] = {}
+  groups: dict[tuple[str, str, str, str], list[str]] = {}
   for name, entry in config.evals.items():
     dataset = entry.get('dataset', '')
     split = entry.split if dataset else ''
     protocol = entry.get('protocol', '') or config.eval.protocol
-    groups.setdefault((dataset, split, protocol), []).append(name)
+    interpolation = entry.get('interpolation', '') or config.eval.interpolation
+    groups.setdefault((dataset, split, protocol, interpolation), []).append(name)
   return groups
 
 
 def predict_split(config, state, predict_fn, data, mesh, split: str,
                   keep_batches: int = 0, desc: str = '', protocol: str = '',
-                  eval_names=None):
+                  eval_names=None, interpolation: str | None = None):
   """Scores `split`; returns (evaluator, kept host batches with their maps)."""
   from tavlo_jax import input_data  # pylint: disable=g-import-not-at-top
   ev = evaluator_lib.Evaluator(config, protocol=protocol or config.eval.protocol, mesh=mesh,
                                category_names=data.category_names(),
-                               eval_names=eval_names)
+                               eval_names=eval_names, interpolation=interpolation)
   batches = data.eval_batches(split)
   kept = []
   t0 = time.perf_counter()
@@ -77,10 +80,11 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
   eval dataset's results (those of the first group scored if it has none)."""
   from tavlo_jax import input_data  # pylint: disable=g-import-not-at-top
   results = None
-  for (dataset, split, protocol), names in eval_groups(config).items():
+  for (dataset, split, protocol, interpolation), names in eval_groups(config).items():
+    choices = dict(names=names, protocol=protocol, interpolation=interpolation)
     if not dataset:
       out = _evaluate_group(config, workdir, state, predict_fn, data, mesh, writer,
-                            step=step, final=final, names=names, protocol=protocol)
+                            step=step, final=final, **choices)
       results = out
       continue
     other, why = input_data.eval_only_data(config, dataset)
@@ -91,15 +95,14 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
         print(f'\nSkipped config.evals {", ".join(names)}: {why}', flush=True)
       continue
     out = _evaluate_group(config, workdir, state, predict_fn, other, mesh, writer,
-                          step=step, final=final, names=names, protocol=protocol,
-                          dataset=dataset, split=split)
+                          step=step, final=final, dataset=dataset, split=split, **choices)
     results = out if results is None else results
   return results
 
 
 def _evaluate_group(config, workdir, state, predict_fn, data, mesh, writer, *, step: int,
-                    final: bool, names, protocol: str, dataset: str = '',
-                    split: str = '') -> dict:
+                    final: bool, names, protocol: str, interpolation: str,
+                    dataset: str = '', split: str = '') -> dict:
   """One eval dataset and split: the run's own ('' dataset; calibrated on its
   validation split) or another test set (reported in a sub-folder named by it)."""
   calibration = None
@@ -108,14 +111,15 @@ def _evaluate_group(config, workdir, state, predict_fn, data, mesh, writer, *, s
   if (own and config.eval.offscreen_rule != 'no_pixel_above'
       and data.has_split(d.val_split)):
     val_ev, _ = predict_split(config, state, predict_fn, data, mesh, d.val_split,
-                              desc='calibration', protocol=protocol, eval_names=names)
+                              desc='calibration', protocol=protocol, eval_names=names,
+                              interpolation=interpolation)
     calibration = val_ev.calibrate()
     logging.info('Off-screen raw threshold calibrated on %s: %s', d.val_split,
                  json.dumps(calibration))
   split = split or d.eval_split
   ev, kept = predict_split(config, state, predict_fn, data, mesh, split,
                            keep_batches=_OVERLAY_BATCHES, desc=dataset or 'test',
-                           protocol=protocol, eval_names=names)
+                           protocol=protocol, eval_names=names, interpolation=interpolation)
   table = ev.records()
   results = ev.finalize(calibration)
   results['step'] = step
