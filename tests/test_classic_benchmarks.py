@@ -346,6 +346,7 @@ def test_paper_real_runlocal_prints_the_three_tables(tmp_path):
       env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'},
       capture_output=True, text=True, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
+  print(out.stdout)   # the tables, with `pytest -s`
   for heading in ('flickr_soundnet/default test,', 'flickr_soundnet/default test_plus_silent,',
                   'vggss/default test,', 'vggss/default test_plus_silent,'):
     assert heading in out.stdout
