@@ -6,7 +6,9 @@ trains on VGGSound-10k (`vggsound/10k`, built from --config.dataset.manual_dir)
 and evaluates on AVATAR (`avatar/default`), printing the per-scenario table.
 Needs an accelerator; on a CPU use :runlocal. Variants (`+`-joined):
 
-  :real          train vggsound/10k, evaluate avatar (the paper's protocol)
+  :real          train vggsound/10k, evaluate avatar (the paper's protocol), and
+                 VGG-SS and Flickr-SoundNet (classic protocol) when they are built
+  :train144k     train on vggsound/144k, as the image-level peers (EZ-VSL, SLAVC, FNAC)
   :synth         train and evaluate avatar_synth/paper (224x224, 16 categories)
   :long_clip     T=256 frames with time sharded over `seq` (all-to-all attention)
   :runlocal      the same architecture family, tiny, on CPU (smoke test);
@@ -35,7 +37,7 @@ from tavlo_jax import config_lib as common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = common.parse_variants(
-      arg, known=('real', 'synth', 'long_clip', 'runlocal', 'seed'))
+      arg, known=('real', 'train144k', 'synth', 'long_clip', 'runlocal', 'seed'))
   config = common.base_config()
   config.dataset.name = 'avatar_synth'
   config.dataset.builder_config = 'paper'
@@ -84,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.eval_builder_config = 'default'
     config.dataset.val_split = ''           # AVATAR has only `test`
     config.eval.offscreen_rule = 'no_pixel_above'
+    add_classic_evals(config)
+  if 'train144k' in variants:
+    config.dataset.name = 'vggsound'
+    config.dataset.builder_config = '144k'
   if 'synth' in variants:
     config.dataset.name = 'avatar_synth'
     config.dataset.builder_config = 'paper'
@@ -105,3 +111,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
     config.mesh.data = -1
   return config
+
+
+# The single-frame benchmarks every peer reports, scored as they score them
+# (maps upsampled to 224x224 as torch's bicubic with align_corners=True, top
+# 50% with >=, cIoU>=0.5 rate, AUC; AP / max-F1 on SLAVC's extended sets).
+# Each is one `config.evals` entry on its own dataset and split; one that is
+# not built is skipped with a line saying how to build it.
+CLASSIC_EVALS = (
+    ('vggss', 'vggss/default', 'test'),
+    ('vggss_extended', 'vggss/default', 'test_plus_silent'),
+    ('flickr', 'flickr_soundnet/default', 'test'),
+    ('flickr_extended', 'flickr_soundnet/default', 'test_plus_silent'),
+)
+
+
+def add_classic_evals(config: ml_collections.ConfigDict) -> None:
+  for name, dataset, split in CLASSIC_EVALS:
+    config.evals[name] = ml_collections.ConfigDict({
+        'split': split, 'frames': 'all', 'prefix': f'eval/{name}/',
+        'dataset': dataset, 'protocol': 'classic', 'interpolation': 'bicubic_torch'})

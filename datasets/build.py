@@ -8,6 +8,9 @@ registered. Every `tfds build` flag works, e.g.:
   python -m tavlo_datasets.build avatar --manual_dir=/data/AVATAR \\
       --data_dir=./data/tfds --file_format=array_record
 
+  python -m tavlo_datasets.build vggss --manual_dir=/data/vggss \\
+      --data_dir=./data/tfds --file_format=array_record
+
   python -m tavlo_datasets.build vggsound --config=10k \\
       --manual_dir=/data/vggsound --data_dir=./data/tfds \\
       --file_format=array_record \\
@@ -26,7 +29,8 @@ from tavlo_datasets.robustness import BadExample
 
 # Registered for `--imports`, so TFDS never looks for a same-named folder in
 # the current directory instead.
-BUILDER_MODULES = ('tavlo_datasets.avatar', 'tavlo_datasets.vggsound')
+BUILDER_MODULES = ('tavlo_datasets.avatar', 'tavlo_datasets.vggsound',
+                   'tavlo_datasets.vggss', 'tavlo_datasets.flickr_soundnet')
 
 
 def main(argv: list[str] | None = None) -> None:

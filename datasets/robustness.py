@@ -45,6 +45,7 @@ KINDS = (
     'no_audio',          # mp4 without an audio stream
     'short_audio',       # audio stream ending well before the video
     'bad_json',          # annotation file that does not parse as JSON
+    'bad_xml',           # annotation file that does not parse as XML
     'missing_field',     # annotation JSON lacking a field or with a bad value
     'polygon_outside',   # a polygon entirely outside the frame
     'frame_outside',     # an annotated frame past the end of the video

@@ -40,6 +40,15 @@ instance. What is heard off screen keeps its category: an instance with
 `sounding=False`, an all-zero mask and box [0, 0, 0, 0] (it is in no pixel,
 so it changes no ground-truth map); the ground-truth map of a frame is the union of the masks of its
 sounding instances.
+
+Weighted ground truth (an extension; `features(weighted_gt=True)` adds it):
+
+  gt_votes          i32    []   a pixel covered by c sounding instances weighs
+                                min(c / gt_votes, 1)
+
+Flickr-SoundNet stores each annotator's box as one instance and gt_votes=2
+(pixels one annotator marks weigh 0.5, two or more weigh 1). A record
+without the field is read as gt_votes=1: the union above.
 """
 
 from __future__ import annotations
@@ -124,19 +133,22 @@ def _clip_features(frame_storage: str, frame_height: int,
 
 
 def features(*, frame_height: int = 0, frame_width: int = 0, mask_height: int,
-             mask_width: int, frame_storage: str = 'raw'
-             ) -> tfds.features.FeaturesDict:
+             mask_width: int, frame_storage: str = 'raw',
+             weighted_gt: bool = False) -> tfds.features.FeaturesDict:
   """The FeaturesDict every builder returns from `_info`.
 
   `frame_storage` 'raw' (frames of a fixed size [H, W]), 'h264' or 'jpeg'
-  (frame size free, H and W unused): see clip_storage.py.
+  (frame size free, H and W unused): see clip_storage.py. `weighted_gt` adds
+  `gt_votes` (the weighted ground-truth extension above).
   """
   f = tfds.features
+  extension = {'gt_votes': f.Scalar(dtype=np.int32)} if weighted_gt else {}
   clip = _clip_features(frame_storage, frame_height, frame_width)
   audio_keys = [k for k in clip if k.startswith('waveform')]
   # Key order as before the encoded layouts: the 'raw' records stay
   # byte-identical.
   return f.FeaturesDict({
+      **extension,
       'video_id': f.Text(),
       **{k: v for k, v in clip.items() if k not in audio_keys},
       'frame_times': f.Tensor(shape=(None,), dtype=np.float32),

@@ -19,6 +19,12 @@ assume cosine maps in [-1, 1]. A video is cross-event when the set of
 sounding categories changes between its annotated frames (or when its json
 says `"cross_event": true`).
 
+VGG-SS and Flickr-SoundNet (use --protocol=classic): --annotations=vggss.json
+or a folder of Flickr <id>.xml files, heat maps keyed by id, GT at 224x224
+as the peers build it; Flickr's consensus keeps its 0.5 / 1 weights
+(evaluation/classic_gt.py). --negatives=<name>_test_plus_silent.csv adds
+SLAVC's non-sounding pairs (keys `<image_id>+<audio_id>`) for AP / max-F1.
+
 Prints the per-scenario table and, with --out, writes JSON, Markdown and a
 per-frame CSV (report.py).
 """
@@ -36,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from tavlo_datasets import schema
 from tavlo_jax import cli, config_lib
-from tavlo_jax.evaluation import evaluator as evaluator_lib, report
+from tavlo_jax.evaluation import classic_gt, evaluator as evaluator_lib, metrics, report
 
 AVATAR_SIZE = (360, 640)   # (H, W) of the AVATAR protocol
 
@@ -53,14 +59,17 @@ def _define_flags():
   flags.DEFINE_string('out', None, 'Directory for JSON / Markdown / CSV (optional).')
   flags.DEFINE_float('heatmap_threshold', 0.1, 'Headline threshold on the normalised map.')
   flags.DEFINE_list('heatmap_thresholds', ['0.1', '0.15', '0.2'], 'All thresholds reported.')
-  flags.DEFINE_enum('interpolation', 'bilinear', ['bilinear', 'bicubic', 'nearest'],
-                    'Resizing of maps to the annotation size.')
+  flags.DEFINE_enum('interpolation', 'bilinear', list(metrics.INTERPOLATIONS),
+                    "Resizing of maps to the annotation size (the classic peers': "
+                    'bicubic_torch).')
   flags.DEFINE_enum('offscreen_rule', 'no_pixel_above', ['no_pixel_above', 'raw_max'],
                     'TN rule for Off-Screen frames (raw_max needs --raw_threshold).')
   flags.DEFINE_float('raw_threshold', None, "raw_max rule: calibrated raw threshold.")
   flags.DEFINE_list('annotation_size', ['360', '640'],
                     'H,W at which GT is rasterised and maps scored (AVATAR: 360,640).')
   flags.DEFINE_integer('batch_frames', 32, 'Frames scored per device call.')
+  flags.DEFINE_string('negatives', None, "VGG-SS/Flickr: SLAVC's *_test_plus_silent.csv "
+                      '(non-sounding pairs, keyed <image_id>+<audio_id>).')
 
 
 @dataclasses.dataclass
@@ -73,6 +82,16 @@ class FrameAnnotation:
   categories: frozenset            # sounding categories (cross-event detection)
   original_size: tuple[int, int]   # (W, H) of the polygons' pixel grid
   cross_event: bool = False
+  gt: np.ndarray | None = None     # VGG-SS/Flickr: box counts at 224x224 (not polygons)
+  gt_votes: int = 1                # ... a pixel weighs min(gt / gt_votes, 1)
+
+
+def from_classic(frame: classic_gt.ClassicFrame) -> FrameAnnotation:
+  tags = ['offscreen'] if frame.negative else ['single']
+  return FrameAnnotation(
+      frame_id=frame.key, video_id=frame.key, frame=0,
+      tags=schema.tags_to_multihot(tags), polygons=[], categories=frozenset(),
+      original_size=classic_gt.SIZE[::-1], gt=frame.counts, gt_votes=frame.votes)
 
 
 def _instance_tags(inst, path) -> list[str]:
@@ -156,7 +175,10 @@ def load_annotations(ann_dir: str) -> list[FrameAnnotation]:
 
 
 def rasterize(fa: FrameAnnotation, size=AVATAR_SIZE) -> np.ndarray:
-  """Union of the sounding polygons at size (H, W), uint8 0/1."""
+  """Union of the sounding polygons at size (H, W), uint8 0/1 (VGG-SS/Flickr:
+  the stored box counts)."""
+  if fa.gt is not None:
+    return fa.gt
   h, w = size
   img = Image.new('L', (w, h), 0)
   draw = ImageDraw.Draw(img)
@@ -244,6 +266,7 @@ def evaluate(frames: list[FrameAnnotation], maps, config, *, protocol: str = 'av
           'cross_event': np.array([fa.cross_event for fa in chunk] + [False] * pad)[:, None],
           'clip_index': np.array([videos[fa.video_id] for fa in chunk] + [-1] * pad, np.int32),
           'frame_index': np.array([fa.frame for fa in chunk] + [-1] * pad, np.int32)[:, None],
+          'gt_votes': np.array([fa.gt_votes for fa in chunk] + [1] * pad, np.int32)[:, None],
       }
       ev.add(batch, heat)
   names = {v: k for k, v in videos.items()}
@@ -285,14 +308,23 @@ def main(argv):
     thresholds.append(FLAGS.heatmap_threshold)
   if len(FLAGS.annotation_size) != 2:
     raise app.UsageError(f'--annotation_size=H,W, got {FLAGS.annotation_size}')
+  size = tuple(int(v) for v in FLAGS.annotation_size)
+  if classic_gt.layout(FLAGS.annotations):   # VGG-SS / Flickr: the peers' 224x224
+    frames = [from_classic(f) for f in classic_gt.load(FLAGS.annotations, FLAGS.negatives)]
+    size = classic_gt.SIZE
+  else:
+    frames = load_annotations(FLAGS.annotations)
   config = make_config(thresholds, FLAGS.heatmap_threshold, FLAGS.interpolation,
-                       FLAGS.offscreen_rule, tuple(int(v) for v in FLAGS.annotation_size))
-  frames = load_annotations(FLAGS.annotations)
+                       FLAGS.offscreen_rule, size)
   maps = open_heatmaps(FLAGS.heatmaps)
   check_heatmaps(frames, maps, f'--heatmaps: {FLAGS.heatmaps}')
   results, table, frame_name = evaluate(frames, maps, config, protocol=FLAGS.protocol,
                                         calibration=calibration,
                                         batch_frames=FLAGS.batch_frames)
+  kind = classic_gt.layout(FLAGS.annotations)
+  if kind:   # names the benchmark, so the table shows the published numbers beside ours
+    results['dataset'] = {'vggss': 'vggss', 'flickr': 'flickr_soundnet'}[kind]
+    results['split'] = 'test_plus_silent' if FLAGS.negatives else 'test'
   results['settings']['heatmaps'] = os.path.abspath(FLAGS.heatmaps)
   results['settings']['annotations'] = os.path.abspath(FLAGS.annotations)
   print(report.format_table(results))

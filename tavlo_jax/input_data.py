@@ -140,5 +140,24 @@ def prepare(config, workdir: str | None = None) -> Data:
   return Data(config, *builders)
 
 
+def eval_only_data(config, dataset: str) -> tuple[Data | None, str]:
+  """Data for scoring on `dataset` ('name/builder_config', e.g. 'vggss/default'),
+  or (None, why) when it cannot: not built in config.dataset.data_dir, or no
+  such builder. Never builds: real test sets come from a deliberate build."""
+  name, _, builder_config = dataset.partition('/')
+  try:
+    importlib.import_module(f'tavlo_datasets.{name}')
+    builder = tfds.builder(dataset, data_dir=os.path.abspath(config.dataset.data_dir))
+  except (ModuleNotFoundError, tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    return None, f'no builder {dataset!r} ({e})'
+  if not builder.is_prepared():
+    return None, (f'{builder.info.full_name} is not built in {config.dataset.data_dir}; '
+                  f'build it with: python -m tavlo_datasets.build {name}'
+                  + (f' --config={builder_config}' if builder_config else '')
+                  + f' --data_dir={config.dataset.data_dir} --file_format=array_record'
+                  f' --manual_dir=<its raw files>')
+  return Data(config, None, builder), ''
+
+
 def to_global(host_batch, mesh):
   return pipeline.make_global_batch(host_batch, mesh)

@@ -191,7 +191,9 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
   """Per-frame eval arrays (WORKSPACE.md "Batches") of one window.
 
   gt_mask / gt_boxes come from the SOUNDING instances of each frame, any_mask
-  from all of them. Frames beyond `max_instances` sounding boxes keep the
+  from all of them. gt_mask is their union (0/1), or with a record's
+  `gt_votes` > 1 the number of them covering each pixel, capped at gt_votes
+  (the GT weight is gt_mask / gt_votes). Frames beyond `max_instances` sounding boxes keep the
   first ones (masks are always complete; boxes only feed box-based scores).
   `category` is the category the frame's sounding (in-view) instances share;
   -1 when none sounds in view, when they differ, when it is unknown (-1 in
@@ -208,7 +210,10 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
       'tags': np.zeros((t, len(schema.SCENARIOS)), bool),
       'cross_event': np.zeros((t,), bool),
       'category': np.full((t,), -1, np.int32),
+      # Sounding instances covering a pixel for full GT weight (schema.py).
+      'gt_votes': np.full((t,), int(np.asarray(record.get('gt_votes', 1))), np.int32),
   }
+  votes = int(out['gt_votes'][0]) if t else 1
   fa, inst = record['frames_annotated'], record['instances']
   ann_of_frame = {int(f): k for k, f in enumerate(fa['frame_index'])}
   owned = set(int(f) for f in owned)
@@ -235,7 +240,10 @@ def window_annotations(record: Mapping[str, Any], frame_index: np.ndarray,
     out['any_mask'][i] |= mask
     if bool(inst['sounding'][j]):
       sounding_categories[i].add(int(inst['category'][j]))
-      out['gt_mask'][i] |= mask
+      if votes > 1:   # weighted GT: gt_mask counts covering instances, up to votes
+        out['gt_mask'][i] = np.minimum(out['gt_mask'][i] + mask, votes)
+      else:
+        out['gt_mask'][i] |= mask
       if num_boxes[i] < max_instances:
         out['gt_boxes'][i, num_boxes[i]] = np.asarray(inst['box'][j])
         out['gt_box_valid'][i, num_boxes[i]] = True

@@ -58,11 +58,13 @@ class Evaluator:
   arrays; batches that are already global jax.Arrays are used as they are,
   and host-local arrays without a mesh are scored per process and gathered.
   `category_names` (index = category) only labels `results['per_category']`.
+  `eval_names`: the `config.evals` entries to pool (None = all of them);
+  `interpolation` overrides config.eval.interpolation (runner.eval_groups).
   """
 
   def __init__(self, config, *, protocol: str = 'avatar', mesh=None,
                batch_axes=('data', 'fsdp'), with_oracle: bool = True,
-               category_names=None):
+               category_names=None, eval_names=None, interpolation: str | None = None):
     if protocol not in PROTOCOLS:
       raise ValueError(f'protocol {protocol!r}: expected one of {PROTOCOLS}')
     ec = config.eval
@@ -72,13 +74,14 @@ class Evaluator:
     if self.headline_threshold not in self.thresholds:
       raise ValueError(f'config.eval.heatmap_threshold={self.headline_threshold} '
                        f'must be one of heatmap_thresholds={self.thresholds}')
-    if ec.interpolation not in metrics.INTERPOLATIONS:
-      raise ValueError(f'config.eval.interpolation={ec.interpolation!r}: '
+    interpolation = interpolation or ec.interpolation
+    if interpolation not in metrics.INTERPOLATIONS:
+      raise ValueError(f'interpolation={interpolation!r} (config.eval or config.evals): '
                        f'expected one of {metrics.INTERPOLATIONS}')
     if ec.offscreen_rule not in aggregates.OFFSCREEN_RULES:
       raise ValueError(f'config.eval.offscreen_rule={ec.offscreen_rule!r}: '
                        f'expected one of {aggregates.OFFSCREEN_RULES}')
-    self.interpolation = ec.interpolation
+    self.interpolation = interpolation
     self.annotation_size = tuple(int(v) for v in ec.annotation_size)
     self.offscreen_rule = ec.offscreen_rule
     self.target_tpr = float(ec.offscreen_target_tpr)
@@ -89,6 +92,8 @@ class Evaluator:
                        f'{ec.offscreen_window_quantile} in [0, 1]')
     self.pools = {}
     for name, entry in config.evals.items():
+      if eval_names is not None and name not in eval_names:
+        continue   # an entry scored on another dataset (runner.eval_groups)
       if entry.frames not in POOL_FRAMES:
         raise ValueError(f'config.evals.{name}.frames={entry.frames!r}: '
                          f'expected one of {POOL_FRAMES}')
@@ -228,7 +233,8 @@ def settings(ev: Evaluator, calibration: dict | None) -> dict:
                    'cIoU>=0.5 rate, mean cIoU and AUC of the top-50% rule (>=)'),
       'normalisation': 'per-frame min-max; a flat map is left unchanged',
       'interpolation': ev.interpolation,
-      'resize': 'jax.image.resize, half-pixel centres, no antialias',
+      'resize': ("torch's bicubic (a=-0.75), align_corners=True" if ev.interpolation ==
+                 'bicubic_torch' else 'jax.image.resize, half-pixel centres, no antialias'),
       'annotation_size': list(ev.annotation_size) if all(ev.annotation_size) else 'mask size',
       'model_grid': list(ev._grid) if ev._grid else None,
       'top50': {'ge': 'p >= sorted(p)[N//2]', 'gt': 'p > sorted(p)[N//2]'},

@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
+# 'bicubic_torch': torch's F.interpolate(mode='bicubic', align_corners=True),
+# with which LVS, EZ-VSL, SLAVC and FNAC upsample their maps to 224x224.
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'bicubic_torch')
+TORCH_CUBIC_A = -0.75
 
 
 def _flat(x):
@@ -62,8 +65,28 @@ def normalize(s):
   return jnp.where(flat, hi, jnp.where(s == hi, 1.0, p))
 
 
+def _torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of torch's bicubic resize with align_corners=True:
+  output i samples input i (n_in - 1) / (n_out - 1) with the Keys kernel
+  (a = -0.75) over its 4 neighbours, indices clamped at the borders."""
+  a = TORCH_CUBIC_A
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1             # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a       # 1 < |x| < 2
+  w = np.zeros((n_out, n_in), np.float64)
+  scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+  for i in range(n_out):
+    real = i * scale
+    k = int(np.floor(real))
+    t = real - k
+    for offset, weight in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      w[i, min(max(k + offset, 0), n_in - 1)] += weight
+  return w
+
+
 def _resize_matrix(n_in: int, n_out: int, interpolation: str):
   """[n_out, n_in] weights of jax.image.resize along one axis (resize is linear)."""
+  if interpolation == 'bicubic_torch':
+    return jnp.asarray(_torch_bicubic_matrix(n_in, n_out), jnp.float32)
   return jax.image.resize(jnp.eye(n_in, dtype=jnp.float32), (n_out, n_in), interpolation,
                           antialias=False)
 
@@ -73,7 +96,8 @@ def upsample(s, size: Sequence[int], interpolation: str = 'bilinear'):
 
   Half-pixel centres and no antialiasing, i.e. torch's
   `F.interpolate(..., align_corners=False)` for bilinear/nearest-on-upsample.
-  'bicubic' is jax's Keys kernel (a=-0.5), not torch's a=-0.75.
+  'bicubic' is jax's Keys kernel (a=-0.5), not torch's a=-0.75;
+  'bicubic_torch' is torch's bicubic with align_corners=True (the peers').
   The per-axis weight matrices come from jax.image.resize itself and are
   applied as one einsum: the same numbers (up to float rounding) ~10x faster
   on CPU than resizing the batch directly.

@@ -28,7 +28,9 @@ BATCH_KEYS = ('valid', 'ann_valid', 'gt_mask', 'tags', 'cross_event',
               'clip_index', 'frame_index')
 # Used when present; a batch without `category` gives every frame -1 (unknown),
 # one without `any_mask` a NaN `silent_margin`.
-OPTIONAL_BATCH_KEYS = ('category', 'any_mask')
+# `gt_votes` [B, T]: gt_mask counts covering instances and a pixel weighs
+# min(gt_mask / gt_votes, 1) (Flickr's consensus); absent = 1, the union.
+OPTIONAL_BATCH_KEYS = ('category', 'any_mask', 'gt_votes')
 # The absolute map of a cosine map is (cos + 1) / 2 in [0, 1]; SLAVC's
 # absolute rule keeps a >= 0.5, i.e. cos >= 0.
 ABS_THRESHOLD = 0.5
@@ -125,13 +127,18 @@ def batch_records(heatmap, batch, *, thresholds, interpolation, size, with_oracl
   b, t = heatmap.shape[:2]
   def frame_masks(m):
     if tuple(m.shape[-2:]) != tuple(size):
-      # Annotation size differs from the stored masks: nearest keeps them binary.
+      # Annotation size differs from the stored masks: nearest keeps the values.
       m = jax.image.resize(m, m.shape[:-2] + tuple(size), 'nearest')
-    return (m > 0).reshape((b * t,) + tuple(size))
-  gt = frame_masks(batch['gt_mask'])
-  silent = (frame_masks(batch['any_mask']) & ~gt) if 'any_mask' in batch else None
+    return m.reshape((b * t,) + tuple(size))
+  counts = frame_masks(batch['gt_mask']).astype(jnp.float32)
+  if 'gt_votes' in batch:   # weighted GT (Flickr's consensus), kept as weights
+    votes = jnp.maximum(batch['gt_votes'].reshape(b * t), 1).astype(jnp.float32)
+    gt = jnp.minimum(counts / votes[:, None, None], 1.0)
+  else:
+    gt = (counts > 0).astype(jnp.float32)
+  silent = ((frame_masks(batch['any_mask']) > 0) & (gt == 0)) if 'any_mask' in batch else None
   out = frame_scores(heatmap.astype(jnp.float32).reshape((b * t,) + heatmap.shape[2:]),
-                     gt.astype(jnp.float32), thresholds=thresholds,
+                     gt, thresholds=thresholds,
                      interpolation=interpolation, with_oracle=with_oracle, silent=silent)
   frame = lambda x: x.reshape((b * t,) + x.shape[2:])
   out['clip_index'] = frame(jnp.broadcast_to(batch['clip_index'][:, None], (b, t)))

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from tavlo_jax.evaluation import records as records_lib
+from tavlo_jax.evaluation import published, records as records_lib
 
 SCENARIO_TAGS = ('single', 'mixed', 'multi', 'offscreen')   # schema.SCENARIOS
 
@@ -68,10 +68,14 @@ def format_table(results: dict) -> str:
     rule += (f" (per-frame raw max at {recall:g}% on-screen recall: "
              f"{', '.join(per_frame)})")
   sign = results.get('map_sign', {})
+  binarisation = (f"normalised map > {t} (thresholds {s['heatmap_thresholds']} in the JSON)"
+                  if s['protocol'] == 'avatar' else
+                  f"top 50%, ties kept: {s['top50']['ge']} (the '>' rule is top50_gt in "
+                  "the JSON); GT weights kept (Flickr consensus 0.5 / 1)")
   lines += [
       '',
-      f"protocol={s['protocol']}; binarisation: normalised map > {t} "
-      f"(thresholds {s['heatmap_thresholds']} in the JSON); interpolation={s['interpolation']}; "
+      f"protocol={s['protocol']}; binarisation: {binarisation}; "
+      f"interpolation={s['interpolation']}; "
       f"model grid={s['model_grid']}; annotation size={s['annotation_size']}.",
       f'TN% rule: {rule}. Oracle: best cIoU of the GT average-pooled to the model grid. '
       'AP/max-F1: SLAVC definitions over on-screen (positive) and off-screen frames. '
@@ -83,6 +87,9 @@ def format_table(results: dict) -> str:
   if sign:
     lines.append(f"Map sign: argmax on source {_fmt(sign['max_pointing'])}%, argmin on source "
                  f"{_fmt(sign['min_pointing'])}%" + (' -- INVERTED MAP?' if sign['inverted'] else ''))
+  if s['protocol'] == 'classic' and results.get('dataset'):
+    for r in results['scenarios'].values():
+      lines += published.comparison_lines(results['dataset'], results.get('split', ''), r)
   lines += format_category_table(results.get('per_category', {}))
   return '\n'.join(lines) + '\n'
 
