@@ -178,8 +178,10 @@ def read_clip(path, *, fps: float, sample_rate: int, storage: str,
   crops of any aspect around the training size stay possible). `codec`:
   the quality arguments of `to_storage`.
   """
-  info = media.video_info(path)
-  size = short_side_size(info.width, info.height, short_side)
+  # The size is chosen from the displayed size, known once the first frame
+  # tells its rotation: a portrait phone clip stays portrait.
+  def size(width, height):
+    return short_side_size(width, height, short_side)
   record = media.read_clip(path, fps=fps, frame_size=size,
                            sample_rate=sample_rate, pinned_times=pinned_times)
   return to_storage(record, storage, **codec)

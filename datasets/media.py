@@ -20,7 +20,7 @@ import dataclasses
 from fractions import Fraction
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import av
 from etils import epath
@@ -103,7 +103,8 @@ def output_times(duration: float, fps: float,
   return times
 
 
-def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
+def read_video(path, fps: float,
+               size: Optional[tuple[int, int] | Callable[[int, int], tuple[int, int]]] = None,
                pinned_times: Sequence[float] = ()):
   """Decodes the frames shown at times 0, 1/fps, 2/fps, ... of the video.
 
@@ -113,7 +114,9 @@ def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
       presentation time (relative to the stream's first frame) is nearest to
       `output_times(...)[k]` (= k / fps, or a pinned time), the earlier one on
       a tie; k runs while k / fps is before the end of the video stream.
-    size: (height, width) to resize to (swscale, bilinear), or None.
+    size: (height, width) to resize to (swscale, bilinear); or a function of
+      the displayed (width, height) that returns it (the size then follows the
+      orientation a rotation tag gives); or None (the displayed size).
     pinned_times: source frame times that must appear exactly (see
       `output_times`).
 
@@ -149,7 +152,10 @@ def read_video(path, fps: float, size: Optional[tuple[int, int]] = None,
     def take(item):
       t, frame, rgb = item
       if rgb is None:    # each source frame is converted at most once
-        height, width = size if size is not None else (original[1], original[0])
+        if callable(size):
+          height, width = size(*original)
+        else:
+          height, width = size if size is not None else (original[1], original[0])
         rgb = _displayed_rgb(frame, quarter_turns, height, width)
       frames.append(rgb)
       times.append(t)
@@ -309,7 +315,8 @@ def write_mp4(path, frames: np.ndarray, fps: float,
       container.mux(audio.encode())
 
 
-def read_clip(path, *, fps: float, frame_size: tuple[int, int],
+def read_clip(path, *, fps: float,
+              frame_size: tuple[int, int] | Callable[[int, int], tuple[int, int]],
               sample_rate: int, pinned_times: Sequence[float] = ()) -> dict:
   """The clip-level fields of a `schema` record, from one mp4.
 

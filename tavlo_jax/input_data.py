@@ -147,15 +147,20 @@ def eval_only_data(config, dataset: str) -> tuple[Data | None, str]:
   name, _, builder_config = dataset.partition('/')
   try:
     importlib.import_module(f'tavlo_datasets.{name}')
-    builder = tfds.builder(dataset, data_dir=os.path.abspath(config.dataset.data_dir))
+    version = str(tfds.builder_cls(name).VERSION)
   except (ModuleNotFoundError, tfds.core.registered.DatasetNotFoundError, ValueError) as e:
     return None, f'no builder {dataset!r} ({e})'
-  if not builder.is_prepared():
-    return None, (f'{builder.info.full_name} is not built in {config.dataset.data_dir}; '
+  full_name = '/'.join(p for p in (name, builder_config, version) if p)
+  # Looked up before tfds.builder, which warns about a missing dataset_info.json
+  # each time it is asked for a dataset that is not built.
+  if not os.path.exists(os.path.join(os.path.abspath(config.dataset.data_dir), full_name,
+                                     'dataset_info.json')):
+    return None, (f'{full_name} is not built in {config.dataset.data_dir}; '
                   f'build it with: python -m tavlo_datasets.build {name}'
                   + (f' --config={builder_config}' if builder_config else '')
                   + f' --data_dir={config.dataset.data_dir} --file_format=array_record'
                   f' --manual_dir=<its raw files>')
+  builder = tfds.builder(dataset, data_dir=os.path.abspath(config.dataset.data_dir))
   return Data(config, None, builder), ''
 
 

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fixtures import avatar_release as fixture
-from tavlo_datasets import media, robustness
+from tavlo_datasets import clip_storage, media, robustness
 from tavlo_datasets.robustness import BadExample
 from tavlo_datasets.vggsound import Builder, VggsoundConfig
 
@@ -178,7 +178,7 @@ def test_builder_keeps_what_it_can_read_and_counts_the_rest(tmp_path):
     write(manual / f'{name}.mp4', **kwargs)
   (manual / 'ids.txt').write_text('\n'.join([*good, *bad]) + '\n')
   builder = Builder(config=VggsoundConfig(name='uploads', ids_file='ids.txt',
-                                          fps=FPS, frame_size=(32, 32),
+                                          fps=FPS, frame_short_side=32,
                                           on_bad_example='skip'),
                     data_dir=str(tmp_path / 'tfds'))
   builder.download_and_prepare(
@@ -186,7 +186,10 @@ def test_builder_keeps_what_it_can_read_and_counts_the_rest(tmp_path):
       file_format='array_record')
   built = {r['video_id'].decode(): r for r in builder.as_data_source(split='train')}
   assert set(built) == set(good)
-  assert built['portrait']['frames'].shape[1:] == (32, 32, 3)
+  # Stored as shown: the 64x48 landscape source with a 90-degree tag is a
+  # portrait clip, short side 32.
+  first = clip_storage.gather_frames(built['portrait'], [0])
+  assert first.shape[1] > first.shape[2] == 32, first.shape
   summary = robustness.read_summary(builder.data_dir)
   assert summary['num_skipped'] == len(bad), json.dumps(summary)
   kinds = {e['id']: e['kind'] for e in summary['skipped']}
