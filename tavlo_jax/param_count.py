@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from tavlo_jax import losses
+from tavlo_jax.data.audio import feature_bins
 from tavlo_jax.models import build_model
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,7 +35,7 @@ def _input_shapes(config, batch: int):
   t, s = config.input.num_frames, config.input.image_size
   width = t * config.input.audio.columns_per_frame
   return (jax.ShapeDtypeStruct((batch, t, s, s, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch, width, config.input.audio.n_mels),
+          jax.ShapeDtypeStruct((batch, width, feature_bins(config.input.audio)),
                                jnp.float32))
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tavlo_jax.models.attention import IMPLEMENTATIONS
-from tavlo_jax.models.audio_encoder import AudioEncoder
+from tavlo_jax.models.audio_encoder import AudioEncoder, ResNetAudioEncoder
 from tavlo_jax.models.resnet import ResNet, total_stride
 from tavlo_jax.models.tavlo import EZVSL, TAVLO, upsample_heatmap
 
@@ -57,6 +57,10 @@ def _check(config: ml_collections.ConfigDict) -> None:
     if m.name == 'ezvsl' and m.get(field, False):
       raise ValueError(f'config.model.{field}=True: the image-level '
                        'EZ-VSL model sees each frame alone; set it to False')
+  if m.audio.get('arch', 'tokens') == 'resnet18' and m.name != 'ezvsl':
+    raise ValueError('config.model.audio.arch=resnet18 gives one embedding per '
+                     'clip: it needs the image-level model (config.model.name='
+                     f'ezvsl), not {m.name!r}')
   if m.get('fine_motion', False) and not m.fine_stride:
     raise ValueError('config.model.fine_motion=True needs fine maps '
                      '(config.model.fine_stride > 0)')
@@ -69,6 +73,16 @@ def _check(config: ml_collections.ConfigDict) -> None:
         f'{m.cross_modal_attention}); set it to 0 for this model')
 
 
+def _audio_encoder(m, dtype) -> nn.Module:
+  arch = m.audio.get('arch', 'tokens')
+  if arch == 'tokens':
+    return AudioEncoder(channels=tuple(m.audio.channels),
+                        embed_dim=m.embed_dim, norm=m.audio.norm, dtype=dtype)
+  if arch == 'resnet18':
+    return ResNetAudioEncoder(norm=m.audio.norm, dtype=dtype)
+  raise ValueError(f'config.model.audio.arch={arch!r}; expected tokens|resnet18')
+
+
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   _check(config)
   m = config.model
@@ -77,8 +91,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                   stem=m.visual.stem,
                   stage_strides=tuple(m.visual.stage_strides),
                   norm=m.visual.norm, dtype=dtype)
-  audio = AudioEncoder(channels=tuple(m.audio.channels), embed_dim=m.embed_dim,
-                       norm=m.audio.norm, dtype=dtype)
+  audio = _audio_encoder(m, dtype)
   if m.name == 'ezvsl':
     return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype,
                  center_audio=m.center_audio, fine_stride=m.fine_stride,
