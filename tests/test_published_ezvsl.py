@@ -1,6 +1,9 @@
 """EZ-VSL as published (`configs/paper.py:ezvsl`): its log spectrogram, its
 audio ResNet-18, the parameter count of the PyTorch model, one train step."""
 
+import importlib.util
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,9 @@ from configs import paper
 from tavlo_jax import models, sharding, train
 from tavlo_jax.data import audio as audio_lib
 
-SR, SECONDS, COLUMNS, N_FFT = 16000, 3, 200, 512
+SR, SECONDS, COLUMNS, N_FFT, FREQ = 16000, 3, 200, 512, 257
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PUBLISHED_PARAMS = 22_872_064      # EZ-VSL at dim 512, derived below
 
 
 def _stft_config(**overrides):
@@ -89,7 +94,7 @@ def test_parameter_count_is_the_published_models():
   audio_net = shapes['params']['audio_encoder']
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   assert count(audio_net) == _resnet18_params(1)
-  assert count(shapes['params']) == published == 22_872_064
+  assert count(shapes['params']) == published == PUBLISHED_PARAMS
 
 
 def test_shapes_one_frame_and_a_257x200_spectrogram():
@@ -135,3 +140,17 @@ def test_one_training_step_is_finite_and_moves_the_audio_net():
   after = jax.device_get(state.params['audio_encoder'])
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before, after)
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_torch_benchmark_model_is_the_same_architecture():
+  """benchmarks/torch_step.py's PyTorch model (optional extra: torch)."""
+  torch = pytest.importorskip('torch')
+  spec = importlib.util.spec_from_file_location(
+      'torch_step_under_test', ROOT / 'benchmarks' / 'torch_step.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = module.torch_model()
+  assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS
+  assert sum(p.numel() for p in model.audnet.parameters()) == _resnet18_params(1)
+  loss = model(torch.randn(2, 3, 64, 64), torch.randn(2, 1, FREQ, COLUMNS))
+  assert torch.isfinite(loss)
