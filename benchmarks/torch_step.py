@@ -1,6 +1,7 @@
 r"""EZ-VSL's training step in JAX (this project) and in PyTorch, side by side.
 
-  PYTHONPATH=.:$TORCH_SITE python benchmarks/torch_step.py
+  python benchmarks/torch_step.py                  # ~3-5 min on 2 idle cores
+  python benchmarks/torch_step.py --one_core --notavlo   # per-core speed
 
 (torch is an optional extra, not in requirements.txt: `pip install
 torch==2.13.0` (CPU build) or `pip install -e .[bench]`; a separate
@@ -257,6 +258,9 @@ def run_worker():
 
 def start_worker(name: str, args: list[str], xla_flags: str = ''):
   env = dict(os.environ)
+  # The workers import this checkout's tavlo_jax, whatever is installed.
+  env['PYTHONPATH'] = os.pathsep.join(
+      [str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
   if xla_flags:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
   cmd = [sys.executable, __file__, f'--worker={name}',
