@@ -58,6 +58,7 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 import accelerator_peaks  # noqa: E402  (next to this script)
+from matmul_peak import measured_matmul_tflops  # noqa: E402  (benchmarks/)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -100,23 +101,6 @@ flags.DEFINE_string('profile_dir', '', 'also write a jax.profiler trace of '
 # ---------------------------------------------------------------------------
 # Peak FLOP/s
 # ---------------------------------------------------------------------------
-
-def measured_matmul_tflops(dtype, n: int = 2048, reps: int = 5) -> float:
-  """Best-of-reps n x n matmul rate on the default device, TFLOP/s."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() != 'cpu':
-    n = 8192   # big enough to saturate an accelerator
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  dot = jax.jit(jnp.dot)
-  dot(a, a).block_until_ready()
-  best = float('inf')
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    dot(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best / 1e12
-
 
 def device_peak(matmul_fp32: float) -> tuple[float, str]:
   """(peak TFLOP/s of ONE device, where the figure comes from)."""

@@ -19,7 +19,9 @@ audio taken from the 1/8 s before it (below; why: WORKSPACE.md, Model);
 Variants (text after the colon, `+`-joined):
 
   :runlocal      tiny data and model, a few steps: a CPU smoke test (~1 min)
-  :ezvsl         the image-level EZ-VSL baseline on the same data and budget
+  :ezvsl         ablation: the image-level baseline with TAVLO's own audio
+                 encoder, data and budget (only time differs); EZ-VSL as
+                 published is `configs/paper.py:ezvsl`
   :no_temporal   TAVLO without temporal attention (ablation)
   :global_audio  TAVLO with one clip-level audio token (ablation)
   :mean_neg      the paper's loss as summarised (positives max, negatives mean)

@@ -13,6 +13,8 @@ Needs an accelerator; on a CPU use :runlocal. Variants (`+`-joined):
   :long_clip     T=256 frames with time sharded over `seq` (all-to-all attention)
   :runlocal      the same architecture family, tiny, on CPU (smoke test);
                  :real+runlocal runs it on the built vggsound/10k + avatar/default
+  :ezvsl         EZ-VSL as published (image-level; audio ResNet-18 on a 3 s
+                 log spectrogram, 1x257x200), e.g. `:real+ezvsl`
   :seed=N        another seed
 
 ImageNet start (as EZ-VSL and SLAVC, the image-level peers): download
@@ -37,7 +39,8 @@ from tavlo_jax import config_lib as common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = common.parse_variants(
-      arg, known=('real', 'train144k', 'synth', 'long_clip', 'runlocal', 'seed'))
+      arg, known=('real', 'train144k', 'synth', 'long_clip', 'runlocal', 'seed',
+                  'ezvsl'))
   config = common.base_config()
   config.dataset.name = 'avatar_synth'
   config.dataset.builder_config = 'paper'
@@ -93,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if 'synth' in variants:
     config.dataset.name = 'avatar_synth'
     config.dataset.builder_config = 'paper'
+  if 'ezvsl' in variants:
+    make_published_ezvsl(config)
   if 'long_clip' in variants:
     config.input.num_frames = 256
     config.input.batch_size = 16
@@ -131,3 +136,22 @@ def add_classic_evals(config: ml_collections.ConfigDict) -> None:
     config.evals[name] = ml_collections.ConfigDict({
         'split': split, 'frames': 'all', 'prefix': f'eval/{name}/',
         'dataset': dataset, 'protocol': 'classic', 'interpolation': 'bicubic_torch'})
+
+
+def make_published_ezvsl(config: ml_collections.ConfigDict) -> None:
+  """EZ-VSL's own model and input: one frame, and 3 s of audio centred on it
+  as a 257 x 200 log power spectrogram (16 kHz, n_fft 512) through a
+  ResNet-18 with max pooling; max-MIL in both directions, no SpecAugment."""
+  common.make_image_level(config)
+  config.input.num_frames = 1
+  config.input.frame_stride = 24            # one clip frame spans 3 s at 8 fps
+  config.input.audio.features = 'log_stft'
+  config.input.audio.n_fft = 512
+  config.input.audio.columns_per_frame = 200   # hop 240 samples
+  config.input.audio.log_offset = 1e-7
+  config.input.augment.spec_time_masks = 0
+  config.input.augment.spec_freq_masks = 0
+  config.model.audio.arch = 'resnet18'
+  config.model.audio.norm = 'batch'
+  config.model.center_audio = False         # EZ-VSL has no audio centring
+  config.loss.positives = config.loss.negatives = 'max'

@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.audio.fmin = 0.0
   c.input.audio.fmax = 8000.0
   c.input.audio.log_offset = 1e-5           # log(mel + offset)
+  c.input.audio.features = 'log_mel'        # log_mel (n_mels bins) | log_stft (EZ-VSL's
+  #                                           log power spectrogram, n_fft // 2 + 1 bins)
   c.input.audio.features_on = 'device'      # 'device' (jnp.fft in the step; measured faster
   #                                           on CPU, see BENCHMARKS.md) | 'host' (workers)
   c.input.augment = ml_collections.ConfigDict()
@@ -123,7 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           (.safetensors/.npz; models/convert_torch.py);
   #                                           '' = from scratch
   c.model.audio = ml_collections.ConfigDict()
-  c.model.audio.channels = (16, 32)         # 2-D conv widths before the token conv
+  c.model.audio.arch = 'tokens'             # tokens (one per frame, below) | resnet18
+  #                                           (EZ-VSL's: one clip embedding; model.name=ezvsl)
+  c.model.audio.channels = (16, 32)         # tokens: 2-D conv widths before the token conv
   c.model.audio.norm = 'group'
 
   c.loss = ml_collections.ConfigDict()

@@ -219,7 +219,8 @@ def _check_matches(config, variables, workdir: str) -> None:
   cols = t * config.input.audio.columns_per_frame
   expected = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), jnp.zeros((1, t, s, s, 3), jnp.uint8),
-      jnp.zeros((1, cols, config.input.audio.n_mels), jnp.float32))))['params']
+      jnp.zeros((1, cols, audio_lib.feature_bins(config.input.audio)),
+                jnp.float32))))['params']
   want = {jax.tree_util.keystr(p): v.shape
           for p, v in jax.tree_util.tree_leaves_with_path(expected)}
   have = {jax.tree_util.keystr(p): v.shape
@@ -417,7 +418,7 @@ def _jitted_predict(config_json: str):
   @jax.jit
   def predict(variables, frames, waveform):
     # Same log-mel as the train/eval step computes on device.
-    logmel = audio_lib.log_mel_jnp(waveform, config)
+    logmel = audio_lib.log_features_jnp(waveform, config)
     return model.apply(variables, frames, logmel, train=False)['heatmap']
   return predict
 

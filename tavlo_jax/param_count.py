@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from tavlo_jax import cli, losses
 # main's --config flag (locked) and its one-line errors for bad overrides.
 from tavlo_jax import main as main_lib
+from tavlo_jax.data.audio import feature_bins
 from tavlo_jax.models import build_model
 
 _CONFIG = main_lib._CONFIG  # pylint: disable=protected-access
@@ -34,7 +35,7 @@ def _input_shapes(config, batch: int):
   t, s = config.input.num_frames, config.input.image_size
   width = t * config.input.audio.columns_per_frame
   return (jax.ShapeDtypeStruct((batch, t, s, s, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch, width, config.input.audio.n_mels),
+          jax.ShapeDtypeStruct((batch, width, feature_bins(config.input.audio)),
                                jnp.float32))
 
 

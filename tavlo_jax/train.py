@@ -77,7 +77,8 @@ def dummy_inputs(config, batch_size: int):
   t, s = config.input.num_frames, config.input.image_size
   cols = t * config.input.audio.columns_per_frame
   return (jnp.zeros((batch_size, t, s, s, 3), jnp.uint8),
-          jnp.zeros((batch_size, cols, config.input.audio.n_mels), jnp.float32))
+          jnp.zeros((batch_size, cols, audio_lib.feature_bins(config.input.audio)),
+                    jnp.float32))
 
 
 def base_rngs(config):

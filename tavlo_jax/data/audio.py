@@ -167,8 +167,97 @@ def log_mel_jnp(waveform, audio_config: Mapping[str, Any],
   return jnp.log(mel + offset)
 
 
+# ---- EZ-VSL's linear spectrogram ------------------------------------------------
+
+FEATURE_KINDS = ('log_mel', 'log_stft')
+# EZ-VSL normalises its log spectrogram with mean 0 and std 12
+# (torchvision Normalize on the log power): the same scale here.
+LOG_STFT_STD = 12.0
+# scipy.signal.spectrogram's default window: Tukey with a 25% taper.
+_TUKEY_ALPHA = 0.25
+
+
+def feature_kind(audio_config: Mapping[str, Any]) -> str:
+  kind = audio_config.get('features', 'log_mel')
+  if kind not in FEATURE_KINDS:
+    raise ValueError(f'config.input.audio.features={kind!r}; expected one of '
+                     f'{FEATURE_KINDS}')
+  return kind
+
+
+def feature_bins(audio_config: Mapping[str, Any]) -> int:
+  """Width of a spectrogram column: n_mels, or n_fft // 2 + 1 for log_stft."""
+  if feature_kind(audio_config) == 'log_stft':
+    return int(audio_config['n_fft']) // 2 + 1
+  return int(audio_config['n_mels'])
+
+
+@functools.lru_cache(maxsize=16)
+def _psd_window(n_fft: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+  """(Tukey window, per-bin scale) of scipy's one-sided 'density' PSD."""
+  window = scipy.signal.get_window(('tukey', _TUKEY_ALPHA), n_fft)
+  scale = np.full(n_fft // 2 + 1, 1.0 / (sample_rate * (window**2).sum()))
+  # One-sided: every bin but DC (and Nyquist for an even n_fft) counts twice.
+  scale[1:n_fft // 2 + (n_fft % 2)] *= 2.0
+  return window, scale
+
+
+def _log_stft(waveform, audio_config, num_columns, xp, dtype):
+  """Shared by the host and device paths; xp is numpy or jax.numpy."""
+  audio_config, num_columns = _resolve(audio_config, num_columns)
+  sr, n_fft, offset = (int(audio_config['sample_rate']),
+                       int(audio_config['n_fft']),
+                       float(audio_config['log_offset']))
+  hop, left, right = _geometry(waveform.shape[-1], num_columns, n_fft)
+  x = _pad_or_crop(xp.asarray(waveform, dtype), left, right, xp)
+  idx = np.arange(num_columns)[:, None] * hop + np.arange(n_fft)[None, :]
+  frames = x[..., idx]                                      # [..., cols, n_fft]
+  window, scale = _psd_window(n_fft, sr)
+  # detrend='constant' (scipy's default): each frame loses its mean first.
+  frames = (frames - frames.mean(-1, keepdims=True)) * xp.asarray(window, dtype)
+  spec = xp.fft.rfft(frames, axis=-1)
+  power = (xp.real(spec) ** 2 + xp.imag(spec) ** 2) * xp.asarray(scale, dtype)
+  return xp.log(power + offset) / LOG_STFT_STD
+
+
+def log_stft_np(waveform: np.ndarray, audio_config: Mapping[str, Any],
+                num_columns: int | None = None) -> np.ndarray:
+  """EZ-VSL's input: log power spectral density / 12, f32 [..., cols, F].
+
+  As `scipy.signal.spectrogram(x, sr, nperseg=n_fft)` computes it (Tukey 0.25
+  window, per-frame mean removed, one-sided density scaling), then
+  log(psd + log_offset) / 12, F = n_fft // 2 + 1 linear bins. The columns
+  follow this module's geometry (centred on j*hop + hop//2, zeros outside
+  the window), so a 3 s window with 200 columns has hop 240 where EZ-VSL's
+  noverlap=274 gives 238 (also 200 columns). Arguments as `log_mel_np`.
+  """
+  return _log_stft(waveform, audio_config, num_columns, np,
+                   np.float64).astype(np.float32)
+
+
+def log_stft_jnp(waveform, audio_config: Mapping[str, Any],
+                 num_columns: int | None = None):
+  """On-device `log_stft_np` (float32, jit-friendly)."""
+  return _log_stft(waveform, audio_config, num_columns, jnp, jnp.float32)
+
+
+def log_features_np(waveform, audio_config, num_columns=None):
+  """The configured features (`input.audio.features`) on the host."""
+  section = audio_config.input.audio if 'input' in audio_config else audio_config
+  fn = log_stft_np if feature_kind(section) == 'log_stft' else log_mel_np
+  return fn(waveform, audio_config, num_columns)
+
+
+def log_features_jnp(waveform, audio_config, num_columns=None):
+  """The configured features (`input.audio.features`) on device."""
+  section = audio_config.input.audio if 'input' in audio_config else audio_config
+  fn = log_stft_jnp if feature_kind(section) == 'log_stft' else log_mel_jnp
+  return fn(waveform, audio_config, num_columns)
+
+
 def audio_features(batch: Mapping[str, Any], config) -> Any:
-  """The log-mel `audio` [B, T*C, M] of a batch, whichever side computed it.
+  """The log-mel `audio` [B, T*C, M] of a batch, whichever side computed it
+  (or the log spectrogram [B, T*C, F] with `input.audio.features='log_stft'`).
 
   With `features_on='host'` the batch already carries `audio`. With 'device'
   it carries `waveform` and, in training, the SpecAugment masks sampled on
@@ -180,7 +269,7 @@ def audio_features(batch: Mapping[str, Any], config) -> Any:
     return batch['audio']
   if 'waveform' not in batch:
     raise KeyError("batch has neither 'audio' nor 'waveform'")
-  logmel = log_mel_jnp(batch['waveform'], config)
+  logmel = log_features_jnp(batch['waveform'], config)
   if 'spec_time_mask' in batch:
     from tavlo_jax.data import augment  # pylint: disable=g-import-not-at-top
     logmel = augment.apply_spec_masks(

@@ -76,10 +76,10 @@ def _audio_outputs(waveform: np.ndarray, config, spec_rng=None) -> dict:
   num_columns = config.input.num_frames * a.columns_per_frame
   masks = None
   if spec_rng is not None:
-    masks = augment_lib.sample_spec_masks(spec_rng, num_columns, a.n_mels,
+    masks = augment_lib.sample_spec_masks(spec_rng, num_columns, audio_lib.feature_bins(a),
                                           config.input.augment)
   if a.features_on == 'host':
-    logmel = audio_lib.log_mel_np(waveform, a, num_columns)
+    logmel = audio_lib.log_features_np(waveform, a, num_columns)
     if masks is not None:
       logmel = augment_lib.apply_spec_masks(logmel, *masks)
     return {'audio': logmel}

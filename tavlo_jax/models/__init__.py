@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tavlo_jax.models.attention import IMPLEMENTATIONS
-from tavlo_jax.models.audio_encoder import AudioEncoder
+from tavlo_jax.models.audio_encoder import AudioEncoder, ResNetAudioEncoder
 from tavlo_jax.models.resnet import ResNet, total_stride
 from tavlo_jax.models.tavlo import EZVSL, TAVLO, upsample_heatmap
 
@@ -59,6 +59,10 @@ def _check(config: ml_collections.ConfigDict) -> None:
     if m.name == 'ezvsl' and m.get(field, False):
       raise ValueError(f'config.model.{field}=True: the image-level '
                        'EZ-VSL model sees each frame alone; set it to False')
+  if m.audio.get('arch', 'tokens') == 'resnet18' and m.name != 'ezvsl':
+    raise ValueError('config.model.audio.arch=resnet18 gives one embedding per '
+                     'clip: it needs the image-level model (config.model.name='
+                     f'ezvsl), not {m.name!r}')
   if m.get('fine_motion', False) and not m.fine_stride:
     raise ValueError('config.model.fine_motion=True needs fine maps '
                      '(config.model.fine_stride > 0)')
@@ -74,7 +78,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
 def _check_init_from(v: ml_collections.ConfigDict) -> None:
   """Pretrained weights fit only torchvision's ResNet-18: say so before any
   data is read or anything compiled (the loader checks every tensor too)."""
-  path = v.get('init_from', '')
+  path = v.init_from
   if not path:
     return
   if not os.path.isfile(path):
@@ -93,6 +97,16 @@ def _check_init_from(v: ml_collections.ConfigDict) -> None:
                      f'ResNet-18 shape: {diff}')
 
 
+def _audio_encoder(m, dtype) -> nn.Module:
+  arch = m.audio.arch
+  if arch == 'tokens':
+    return AudioEncoder(channels=tuple(m.audio.channels),
+                        embed_dim=m.embed_dim, norm=m.audio.norm, dtype=dtype)
+  if arch == 'resnet18':
+    return ResNetAudioEncoder(norm=m.audio.norm, dtype=dtype)
+  raise ValueError(f'config.model.audio.arch={arch!r}; expected tokens|resnet18')
+
+
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   _check(config)
   _check_init_from(config.model.visual)
@@ -102,8 +116,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                   stem=m.visual.stem,
                   stage_strides=tuple(m.visual.stage_strides),
                   norm=m.visual.norm, dtype=dtype)
-  audio = AudioEncoder(channels=tuple(m.audio.channels), embed_dim=m.embed_dim,
-                       norm=m.audio.norm, dtype=dtype)
+  audio = _audio_encoder(m, dtype)
   if m.name == 'ezvsl':
     return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype,
                  center_audio=m.center_audio, fine_stride=m.fine_stride,

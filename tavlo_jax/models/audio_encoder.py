@@ -24,7 +24,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tavlo_jax.models.resnet import norm_layer
+from tavlo_jax.models.resnet import ResNet, norm_layer
 
 AUDIO_AXES = ('batch', 'time', 'audio_time', 'mel', 'channels')
 
@@ -73,3 +73,35 @@ class AudioEncoder(nn.Module):
             nn.initializers.zeros, ('embed',)))(x)
     tokens = x.reshape(x.shape[0], num_frames, self.embed_dim)
     return nn.with_logical_constraint(tokens, ('batch', 'time', 'embed'))
+
+
+class ResNetAudioEncoder(nn.Module):
+  """EZ-VSL's audio branch: the whole clip's spectrogram [B, W, F] ->
+  [B, T, C], one clip embedding tiled over the T frames.
+
+  A ResNet-18 (torchvision's layout, 1-channel 7x7/2 stem + max pool, widths
+  64..512) over the spectrogram as a 1-channel image of F rows (frequency)
+  and W columns (time), as EZ-VSL feeds torch [B, 1, F, W]; then the maximum
+  over all positions (its AdaptiveMaxPool2d), no fc. C = 8 * width (512);
+  the image-level model's `audio_proj` is EZ-VSL's aud_proj. The embedding
+  sees the whole clip, so it suits the image-level model only.
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+  norm: str = 'batch'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, audio, num_frames: int, train: bool):
+    if audio.ndim != 3:
+      raise ValueError(f'audio must be a spectrogram [B, W, F]; got shape '
+                       f'{audio.shape}')
+    # [B, W, F] -> one image per clip, [B, 1, F, W, 1] (the ResNet's T = 1).
+    image = jnp.swapaxes(audio.astype(self.dtype), 1, 2)[:, None, :, :, None]
+    feats = ResNet(stage_sizes=tuple(self.stage_sizes), width=self.width,
+                   stem='imagenet', stage_strides=(1,) + (2,) * (
+                       len(self.stage_sizes) - 1),
+                   norm=self.norm, dtype=self.dtype, name='resnet')(image, train)
+    pooled = feats.max(axis=(2, 3))                       # [B, 1, C]
+    return jnp.broadcast_to(pooled, (audio.shape[0], num_frames,
+                                     pooled.shape[-1]))
