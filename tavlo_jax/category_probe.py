@@ -129,15 +129,15 @@ def format_table(stats: dict[int, dict], names=None) -> str:
 
 def main(argv):
   del argv
-  from tavlo_jax import input_data, localize, models  # pylint: disable=g-import-not-at-top
+  from tavlo_jax import input_data, models, trained_run  # pylint: disable=g-import-not-at-top
   try:
-    run = localize.load_run(flags.FLAGS.checkpoint)
+    run = trained_run.load_run(flags.FLAGS.checkpoint)
     config = run.config
     data = input_data.prepare(config)
     stats = summarize(*collect(models.build_model(config), run.variables, config,
                                data.eval_batches(config.dataset.eval_split),
                                flags.FLAGS.batches))
-  except (localize.LocalizeError, ValueError) as e:   # one line, as localize does
+  except ValueError as e:   # trained_run.RunError included: one line, as localize does
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   print(format_table(stats, data.category_names()))

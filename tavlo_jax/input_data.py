@@ -116,6 +116,3 @@ def prepare(config, workdir: str | None = None) -> Data:
     builders.append(get_builder(config, for_eval=for_eval))  # re-read split info
   return Data(config, *builders)
 
-
-def to_global(host_batch, mesh):
-  return pipeline.make_global_batch(host_batch, mesh)

@@ -18,24 +18,15 @@ from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
 from tavlo_jax import losses
-from tavlo_jax.models import build_model
+from tavlo_jax import models
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'config file[:variant]', lock_config=True)
 _BATCH = flags.DEFINE_integer('batch', 2, 'clips per batch for the FLOP count')
 _TRAIN = flags.DEFINE_bool('train', False, 'also count a training step')
-
-
-def _input_shapes(config, batch: int):
-  t, s = config.input.num_frames, config.input.image_size
-  width = t * config.input.audio.columns_per_frame
-  return (jax.ShapeDtypeStruct((batch, t, s, s, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch, width, config.input.audio.n_mels),
-                               jnp.float32))
 
 
 def _flops(compiled) -> float:
@@ -47,8 +38,8 @@ def _flops(compiled) -> float:
 
 def count(config, batch: int = 2, flops: bool = True, train: bool = False):
   """dict(params, params_by_module, forward_flops[, train_flops])."""
-  model = build_model(config)
-  frames, audio = _input_shapes(config, batch)
+  model = models.build_model(config)
+  frames, audio = models.input_spec(config, batch)
   variables = nn.meta.unbox(jax.eval_shape(
       functools.partial(model.init, train=False), jax.random.key(0), frames,
       audio))

@@ -28,7 +28,7 @@ NUM_PROCESSES = 2
 def make_config(rule='raw_max'):
   c = config_lib.base_config()
   c.eval.offscreen_rule = rule
-  c.evals.total = {'split': 'test', 'frames': 'all', 'prefix': 'eval/total/'}
+  c.evals.total = {'frames': 'all', 'prefix': 'eval/total/'}
   return c
 
 
@@ -257,7 +257,7 @@ def test_category_scores_match_a_hand_count():
             ('offscreen', 2, 1), ('offscreen', 0, 0),   # off screen: not counted
             ('single', -1, 1), ('multi', -1, 0),   # unknown / several: left out
             ('single', 4, 1)]
-  table = {'tags': np.array([[t == s for s in evaluator_lib.SCENARIO_COLUMNS]
+  table = {'tags': np.array([[t == s for s in evaluator_lib.SCENARIOS]
                              for t, _, _ in frames]),
            'category': np.array([c for _, c, _ in frames], np.int32),
            'hit': np.array([h for _, _, h in frames], bool)}
