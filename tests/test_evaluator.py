@@ -208,6 +208,7 @@ def test_window_rule_pools_the_clips_neighbouring_frames(clips):
   assert r0['tn'] == pytest.approx(100 * (peak[off] < cal0['window_threshold']).mean())
 
 
+@pytest.mark.slow
 def test_batch_size_and_sharding_do_not_change_anything(clips, evaluated):
   _, table, cal, results = evaluated
   ev = run_evaluator(clips, 5)                                # other padding
@@ -333,6 +334,7 @@ def test_per_category_pointing_in_results_and_reports(clips, evaluated, tmp_path
   assert sorted(set(table['category'].tolist())) == [-1, 0, 1, 2]
 
 
+@pytest.mark.slow
 def test_batch_without_category_still_evaluates(clips, evaluated):
   _, table, cal, results = evaluated
   ev = evaluator_lib.Evaluator(make_config())
@@ -452,6 +454,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_give_the_single_process_numbers(evaluated, tmp_path):
   _, table, cal, results = evaluated

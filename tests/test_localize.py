@@ -263,6 +263,7 @@ def _variable_rate_video(path):
   return str(path)
 
 
+@pytest.mark.slow
 def test_outputs_match_the_input_video(trained, tmp_path):
   # 12 fps input, the model sees 8 fps: maps are mapped back to every frame.
   path = _video(tmp_path / 'clip one.mp4', n=30, fps=12.0)
@@ -453,6 +454,7 @@ def test_a_run_stored_with_retired_fields_still_loads(tmp_path, run_dir):
     trained_run.load_config(str(old))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_uses_its_stored_config(tmp_path, run_dir):
   other = _config(**{'input.num_frames': 4, 'input.image_size': 40, 'model.embed_dim': 8})
   workdir = _save_run(tmp_path / 'other', other)
@@ -470,6 +472,7 @@ def test_checkpoint_from_another_config_uses_its_stored_config(tmp_path, run_dir
     trained_run.load_run(workdir)
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_in_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   r = subprocess.run([sys.executable, '-m', 'tavlo_jax.localize',

@@ -171,6 +171,7 @@ def _frames_changed(a, b):
       axis=(0, 2, 3, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
 def test_temporal_attention_mixes_frames_baseline_does_not(name):
   c = tiny_config(temporal_window=-1)
@@ -187,6 +188,7 @@ def test_temporal_attention_mixes_frames_baseline_does_not(name):
     np.testing.assert_array_equal(change[1:], 0.0)
 
 
+@pytest.mark.slow
 def test_motion_features_are_the_change_since_the_previous_frame():
   """with_motion against numpy; in the model (no temporal attention), a
   change to frame t reaches the visual tokens of t and t + 1 only."""
@@ -205,6 +207,7 @@ def test_motion_features_are_the_change_since_the_previous_frame():
   np.testing.assert_array_equal(change[[0, 1, 4, 5]], 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
 def test_fine_map_is_upsampled_tokens_plus_features_of_each_patch(name):
   """fine_stride=2 on the tiny model (token grid 4x4): the map is 8x8; its
@@ -245,6 +248,7 @@ class _FineOnly(nn.Module):
     return tavlo_lib.add_local_features(tokens, frames, 2, False, jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stem,strides,size', [
     ('imagenet', (1, 2), 128), ('small', (2, 2), 32), ('imagenet', (1, 2, 2), 128)])
 def test_resnet_token_i_is_centred_on_pixel_stride_times_i(stem, strides, size):
@@ -265,6 +269,7 @@ def test_resnet_token_i_is_centred_on_pixel_stride_times_i(stem, strides, size):
   assert (cols.min() + cols.max()) / 2 == stride * i
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl,layers', [('xla', 1), ('blockwise', 2)])
 def test_window_limits_mixing_to_k_frames_per_layer(impl, layers):
   c = tiny_config(temporal_window=1, num_layers=layers, attention_impl=impl,
@@ -298,6 +303,7 @@ def test_leak_guard_swapping_audio_moves_the_map(cross_modal):
   assert np.abs(swapped['heatmap'] - out['heatmap']).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_global_audio_is_one_token_tiled_over_time():
   c = tiny_config(per_frame_audio=False, temporal_attention=False)
   frames, audio = inputs(c)
@@ -311,6 +317,7 @@ def test_global_audio_is_one_token_tiled_over_time():
 # --- determinism, eval mode, BatchNorm -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jit_and_eval_mode_are_deterministic_batchnorm_batch_independent():
   c = tiny_config()
   c.model.visual.norm = c.model.audio.norm = 'batch'
@@ -353,6 +360,7 @@ def test_audio_centering_batch_mean_in_training_running_mean_at_eval():
     module.apply(updates, jnp.zeros((1, 4, 5)), train=False)
 
 
+@pytest.mark.slow
 def test_shifted_audio_is_the_model_run_on_rolled_audio():
   """Out-of-sync negatives: a shift of 0 gives the in-sync audio tokens, and
   a shift of k gives what the model makes of the spectrogram rolled by k
@@ -406,6 +414,7 @@ def test_image_level_baseline_refuses_motion_features():
     build_model(tiny_config(fine_motion=True))
 
 
+@pytest.mark.slow
 def test_fine_motion_adds_the_patch_features_change_since_the_previous_frame():
   """With fine_motion the local projection reads [f, f - f_prev, |...|] of the
   patch features; without temporal attention or token motion, a change to
@@ -422,6 +431,7 @@ def test_fine_motion_adds_the_patch_features_change_since_the_previous_frame():
     np.testing.assert_array_equal(np.delete(change, reached), 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
 def test_audio_shared_by_every_clip_makes_no_map_in_training(name):
   """The sign safeguard: what every clip's audio has in common is removed, so
@@ -519,6 +529,7 @@ def test_blockwise_training_memory_is_linear_in_length():
   assert large / small <= 2.2, (small, large)
 
 
+@pytest.mark.slow
 def test_blockwise_model_matches_xla_model():
   c = tiny_config(attention_impl='xla', num_layers=2)
   frames, audio = inputs(c)
@@ -670,6 +681,7 @@ def _resnet18():
   return ResNet()   # defaults are torchvision's resnet18
 
 
+@pytest.mark.slow
 def test_converter_round_trip_and_stem_layout_against_numpy():
   net = _resnet18()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 32, 32, 3)),
