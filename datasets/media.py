@@ -5,7 +5,7 @@
   video_info   stream facts (fps, size, duration, audio present) without decoding
   read_clip    the clip fields of a `schema` record (frames, times, waveform
                over exactly the video's span)
-  write_mp4    h264 (yuv420p) + aac, e.g. for test fixtures
+  write_mp4    h264 (yuv420p) + aac: test fixtures, releases, map overlays
   find_files   every file with a suffix under a folder (local or cloud)
 
 Any file that does not open, does not decode, or decodes to less than its
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 from fractions import Fraction
+import itertools
 import math
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import av
 from etils import epath
@@ -273,46 +274,102 @@ def audio_for_video(path, waveform: np.ndarray, sample_rate: int,
   return np.pad(waveform[:want], (0, max(want - have, 0))).astype(np.float32)
 
 
-def write_mp4(path, frames: np.ndarray, fps: float,
+def write_mp4(path, frames: Iterable[np.ndarray], fps: float,
               waveform: Optional[np.ndarray] = None, sample_rate: int = 16000,
-              crf: int = 18, faststart: bool = False) -> None:
-  """Writes RGB uint8 frames [N, H, W, 3] as h264 and a mono waveform as aac.
+              crf: int = 18, faststart: bool = False, *, audio_from=None,
+              pad_odd: bool = False) -> None:
+  """Writes RGB uint8 frames [N, H, W, 3] as h264 and audio as aac.
 
-  H and W must be even (yuv420p halves the chroma planes). `waveform=None`
-  writes a file without an audio stream. `faststart` puts the index (moov)
-  before the data, as web downloads have it: such a file still opens when its
-  end is cut off.
+  `frames` may be any iterable of [H, W, 3] frames (an overlay of an HD
+  video is streamed, never held whole). H and W must be even (yuv420p
+  halves the chroma planes) unless `pad_odd`, which repeats the last
+  row/column. Audio: `waveform` (mono, at `sample_rate`), or `audio_from`,
+  a media file whose first audio stream is re-encoded (cut to its own
+  duration), or neither (a file without an audio stream). `faststart` puts
+  the index (moov) before the data, as web downloads have it: such a file
+  still opens when its end is cut off.
   """
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+  frames = iter(frames)
+  first = next(frames, None)
+  if first is None or np.ndim(first) != 3 or np.shape(first)[-1] != 3 or (
+      np.asarray(first).dtype != np.uint8):
     raise ValueError(f'{path}: frames must be uint8 [N, H, W, 3], got '
-                     f'{frames.dtype} {frames.shape}')
-  _, height, width, _ = frames.shape
-  if height % 2 or width % 2:
+                     + ('no frame' if first is None else
+                        f'{np.asarray(first).dtype} frames of {np.shape(first)}'))
+  height, width = np.shape(first)[:2]
+  if (height % 2 or width % 2) and not pad_odd:
     raise ValueError(f'{path}: h264/yuv420p needs even height and width, got '
                      f'{height}x{width}')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   options = {'movflags': 'faststart'} if faststart else {}
-  with av.open(os.fspath(path), 'w', options=options) as container:
-    rate = Fraction(fps).limit_denominator(1001)
-    video = container.add_stream('libx264', rate=rate)
-    video.width, video.height, video.pix_fmt = width, height, 'yuv420p'
-    video.options = {'crf': str(crf)}
-    audio = None
-    if waveform is not None:
-      audio = container.add_stream('aac', rate=sample_rate)
-      audio.layout = 'mono'
-    for i, image in enumerate(frames):
-      frame = av.VideoFrame.from_ndarray(image, format='rgb24')
-      frame.pts = i
-      container.mux(video.encode(frame))
-    container.mux(video.encode())
-    if audio is not None:
-      samples = np.asarray(waveform, np.float32)[None]
-      frame = av.AudioFrame.from_ndarray(samples, format='flt', layout='mono')
-      frame.sample_rate, frame.pts = sample_rate, 0
-      container.mux(audio.encode(frame))
-      container.mux(audio.encode())
+  source = av.open(os.fspath(audio_from)) if audio_from is not None else None
+  try:
+    with av.open(os.fspath(path), 'w', options=options) as container:
+      # Every stream must exist before the first packet is muxed.
+      video = container.add_stream('libx264', rate=Fraction(fps).limit_denominator(1001))
+      video.width, video.height = width + width % 2, height + height % 2
+      video.pix_fmt, video.options = 'yuv420p', {'crf': str(crf)}
+      audio = source_audio = None
+      if source is not None and source.streams.audio:
+        source_audio = source.streams.audio[0]
+        audio = container.add_stream('aac', rate=source_audio.codec_context.sample_rate,
+                                     layout=source_audio.codec_context.layout.name)
+      elif waveform is not None:
+        audio = container.add_stream('aac', rate=sample_rate)
+        audio.layout = 'mono'
+      for i, image in enumerate(itertools.chain([first], frames)):
+        image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode='edge')
+        frame = av.VideoFrame.from_ndarray(image, format='rgb24')
+        frame.pts = i
+        container.mux(video.encode(frame))
+      container.mux(video.encode())
+      if source_audio is not None:
+        _reencode_audio(source, source_audio, container, audio)
+      elif audio is not None:
+        samples = np.asarray(waveform, np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format='flt', layout='mono')
+        frame.sample_rate, frame.pts = sample_rate, 0
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+  finally:
+    if source is not None:
+      source.close()
+
+
+def _reencode_audio(src, source, out, audio) -> None:
+  """Re-encodes the source's audio, cut to the stream's own duration.
+
+  Why the cut: the decoder returns whole codec frames (aac: 1024 samples),
+  padding included; re-encoding that padding would make the audio longer
+  than the original each time a file goes through here.
+  """
+  rate = source.codec_context.sample_rate
+  layout = source.codec_context.layout.name
+  duration = (source.duration * source.time_base if source.duration is not None
+              else src.duration / av.time_base if src.duration is not None else None)
+  remaining = int(round(duration * rate)) if duration is not None else None
+  resampler = av.AudioResampler(format='fltp', layout=layout, rate=rate)
+
+  def resampled():
+    for frame in src.decode(source):
+      yield from resampler.resample(frame)
+    yield from resampler.resample(None)       # what the resampler holds back
+
+  done = 0
+  for frame in resampled():
+    samples = frame.to_ndarray()                        # [channels, n]
+    if remaining is not None:
+      samples = samples[:, :max(remaining - done, 0)]
+    if not samples.shape[1]:
+      break
+    chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format='fltp',
+                                       layout=layout)
+    # Timestamps from 0 in samples: the audio starts with the video.
+    chunk.sample_rate, chunk.pts = rate, done
+    chunk.time_base = Fraction(1, rate)
+    done += samples.shape[1]
+    out.mux(audio.encode(chunk))
+  out.mux(audio.encode())
 
 
 def read_clip(path, *, fps: float,

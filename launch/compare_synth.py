@@ -49,7 +49,7 @@ METRICS = (('pointing_game', 'pointing'), ('pointing_1cell', 'pointing ±1 cell'
            ('ciou', 'mean cIoU@0.1'),
            ('adaptive/mean', 'adaptive mean cIoU'), ('adaptive/success', 'adaptive cIoU>=0.5'),
            ('tn', 'TN%'), ('tn_raw_max', 'TN% per frame'))
-SCENARIOS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen', 'offscreen_hard',
+SUMMARY_ROWS = ('single', 'mixed', 'multi', 'cross_event', 'offscreen', 'offscreen_hard',
              'single_in_mixed')
 
 
@@ -159,7 +159,7 @@ def _table(all_results: dict) -> tuple[str, dict]:
   lines = ['| model | scenario | ' + ' | '.join(n for _, n in METRICS) + ' |',
            '|---|---|' + '---|' * len(METRICS)]
   for model, runs in all_results.items():
-    for scenario in SCENARIOS:
+    for scenario in SUMMARY_ROWS:
       cells = []
       for key, _ in METRICS:
         vals = [v for v in (_value(r, scenario, key) for r in runs) if v is not None]
@@ -188,7 +188,7 @@ def _figure(summary: dict, path: str) -> None:
   fig = plt.figure(figsize=(12, 3.2 + 1.6 * len(models)))
   ax = fig.add_axes([0.07, 0.55, 0.9, 0.38])
   width = 0.8 / max(len(models), 1)
-  scen = [s for s in SCENARIOS if not s.startswith('offscreen')]   # TN: no pointing
+  scen = [s for s in SUMMARY_ROWS if not s.startswith('offscreen')]   # TN: no pointing
   for i, model in enumerate(models):
     means = [summary[model].get(s, {}).get('pointing_game', {}).get('mean', 0) for s in scen]
     stds = [summary[model].get(s, {}).get('pointing_game', {}).get('std', 0) for s in scen]

@@ -151,11 +151,11 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
 def abstract_inputs(config, model, mesh):
   """(state, batch, step rng) of the train step as sharded ShapeDtypeStructs."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tavlo_jax import localize, sharding, train  # pylint: disable=g-import-not-at-top
+  from tavlo_jax import sharding, train, trained_run  # pylint: disable=g-import-not-at-top
   from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   init_rng, step_rng = train.base_rngs(config)
   state, state_shardings = train.abstract_state(config, model, mesh, init_rng)
-  stored_fps = localize.model_fps(config) * int(config.input.frame_stride)
+  stored_fps = trained_run.model_fps(config) * int(config.input.frame_stride)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                    sharding=sharding.batch_sharding(mesh, v.ndim))
            for k, v in pipeline.train_batch_spec(config, stored_fps).items()}

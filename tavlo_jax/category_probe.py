@@ -133,15 +133,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS.checkpoint:
     raise app.UsageError('--checkpoint is required (a training workdir or a step dir in it)')
-  from tavlo_jax import input_data, localize, models  # pylint: disable=g-import-not-at-top
+  from tavlo_jax import input_data, models, trained_run  # pylint: disable=g-import-not-at-top
   try:
-    run = localize.load_run(flags.FLAGS.checkpoint)
+    run = trained_run.load_run(flags.FLAGS.checkpoint)
     config = run.config
     data = input_data.prepare(config)
     stats = summarize(*collect(models.build_model(config), run.variables, config,
                                data.eval_batches(config.dataset.eval_split),
                                flags.FLAGS.batches))
-  except (localize.LocalizeError, ValueError) as e:   # one line, as localize does
+  except ValueError as e:   # trained_run.RunError included: one line, as localize does
     cli.fail(str(e))
   print(format_table(stats, data.category_names()))
 

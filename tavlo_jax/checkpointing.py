@@ -80,3 +80,25 @@ def abstract_with_shardings(abstract_state, shardings):
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
+
+
+def restore_weights(step_dir: str, sharding) -> dict:
+  """params, batch_stats and step of one saved step, for inference.
+
+  Read from the checkpoint's own metadata (no target state), so it loads
+  whatever mesh or device kind it was saved from, onto `sharding`; the
+  optimizer state and the data iterator stay on disk. Reads only: unlike a
+  `Checkpointer` it never cleans up the folder, so it is safe on a run that
+  is still training. Raises KeyError when the step holds no params.
+  """
+  path = os.path.join(step_dir, 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path).item_metadata.tree
+  wanted = {k: meta[k] for k in ('params', 'batch_stats', 'step') if k in meta}
+  if 'params' not in wanted:
+    raise KeyError('the checkpoint has no params')
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), wanted)
+  restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=sharding), wanted)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))

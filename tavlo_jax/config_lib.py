@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-SCENARIOS = ('single', 'mixed', 'multi', 'offscreen')
+from tavlo_datasets.schema import SCENARIOS
 
 
 def parse_variants(arg: str | None, known) -> dict[str, str]:
@@ -87,15 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'                 # compute dtype; params stay float32
   c.model.embed_dim = 64                    # Df: token width from the encoders
   c.model.temporal_pos_dim = 16             # Dt: temporal code concatenated (D = Df + Dt)
-  c.model.pos_encoding = 'learned'          # learned | sinusoidal
   c.model.num_layers = 1                    # AST blocks (spatial then temporal attention)
   c.model.num_heads = 4
   c.model.mlp_ratio = 2
   c.model.temporal_attention = True         # ablation switch
   c.model.temporal_window = 2               # attend to +-k frames; -1 = whole clip
   c.model.per_frame_audio = True            # False: one clip-level audio token, tiled
-  c.model.spatial_attention = True          # False: visual tokens never mix across positions
-  #                                           (each stays a local feature; see WORKSPACE.md)
   c.model.cross_modal_attention = False     # True: audio and visual tokens attend to each
   #                                           other in the spatial step (leaks own audio)
   c.model.attention_impl = 'xla'            # xla (jax.nn.dot_product_attention) | blockwise |
@@ -110,10 +107,6 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           tokens upsampled + local features (tavlo.py)
   c.model.fine_motion = False               # fine maps: the patch features' frame-to-frame
   #                                           change too (tavlo.py add_local_features)
-  c.model.aligned_maps = False              # True: draw token (i, j) at its receptive-field
-  #                                           centre (S i, S j), not its cell's centre (tavlo.py
-  #                                           tokens_onto_cells). Off: no gain from scratch on
-  #                                           AVATAR-Synth (WORKSPACE.md, Model)
   c.model.visual = ml_collections.ConfigDict()
   c.model.visual.stage_sizes = (1, 1)       # ResNet-18 is (2, 2, 2, 2)
   c.model.visual.width = 16                 # channels of the first stage (ResNet: 64)
@@ -136,9 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the frame; see tavlo_jax/losses.py). The same for both sides, or it can
   # collapse: with max/mean (the paper's summarised form) one peaky token per
   # frame matches any audio, so max >> mean without using the audio.
-  # signed_peak = (max - mean) - (mean - min) also penalises a cold spot
-  # (a category whose audio points away from its object; losses.py).
-  c.loss.positives = 'peak'                 # a clip's own frame: peak | signed_peak | max | mean
+  c.loss.positives = 'peak'                 # a clip's own frame: peak | max | mean
   c.loss.negatives = 'peak'                 # other clips: the same (mean collapses)
   c.loss.symmetric = True                   # both a->v and v->a directions
   # Out-of-sync negatives: K copies of each clip's own audio rolled by a
@@ -146,10 +137,6 @@ def base_config() -> ml_collections.ConfigDict:
   # negatives for its frames. The only term that rewards timing when a batch
   # holds no other clip of the same category; see losses.py. 0 = off (paper).
   c.loss.shifted_audio_negatives = 0
-  # Frames whose audio is less than this many dB above the clip's quietest
-  # frame hold no sound to localise: they are left out of the loss (neither
-  # anchors nor negatives; data/audio.py sounding_frames). 0 = every frame.
-  c.loss.sounding_frames_db = 0.0
 
   # ---- optimisation ----------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
@@ -190,7 +177,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.protocol = 'avatar'                     # avatar | classic (top-50% binarisation)
   for s in ('total',) + SCENARIOS + ('cross_event',):
     c.evals[s] = ml_collections.ConfigDict()
-    c.evals[s].split = 'test'
     c.evals[s].frames = 'all' if s == 'total' else s   # which frames this entry pools
     c.evals[s].prefix = f'eval/{s}/'
   return c

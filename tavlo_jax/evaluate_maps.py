@@ -236,7 +236,7 @@ def make_config(protocol_thresholds, headline: float, interpolation: str,
   config.eval.interpolation = interpolation
   config.eval.annotation_size = tuple(size)
   config.eval.offscreen_rule = offscreen_rule
-  config.evals.total = {'split': 'test', 'frames': 'all', 'prefix': 'eval/total/'}
+  config.evals.total = {'frames': 'all', 'prefix': 'eval/total/'}
   return config
 
 

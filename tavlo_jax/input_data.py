@@ -163,6 +163,3 @@ def eval_only_data(config, dataset: str) -> tuple[Data | None, str]:
   builder = tfds.builder(dataset, data_dir=os.path.abspath(config.dataset.data_dir))
   return Data(config, None, builder), ''
 
-
-def to_global(host_batch, mesh):
-  return pipeline.make_global_batch(host_batch, mesh)

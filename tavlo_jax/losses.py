@@ -81,9 +81,7 @@ most negative components on o (-0.28, -0.40). It does not explain every
 case: magenta, stuck in one seed, had a positive component there. `peak`
 pooling barely penalises a map that is cold on one object (it scores s/N
 above a flat map) and sends the cold location no gradient towards its own
-audio. `signed_peak` = (max - mean) - (mean - min) scores a cold spot below
-zero and gives the arg-min a gradient up; it is an option, measured in
-WORKSPACE.md, Model (better on one seed, worse on the other).
+audio.
 
 Collapse detectors in `aux`: `retrieval_accuracy` always scores with max/max
 pooling (is the audio actually matched to its own clip?) and
@@ -99,7 +97,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-POOLINGS = ('max', 'mean', 'peak', 'signed_peak')
+POOLINGS = ('max', 'mean', 'peak')
 
 
 def similarity_bags(visual, audio):
@@ -132,14 +130,6 @@ def _pool(sims, how):
     # for a map with a few hot locations on a cold background. See
     # "Inverted maps" in the module docstring.
     return sims.max(-1) - sims.mean(-1)
-  if how == 'signed_peak':
-    # (max - mean) - (mean - min): a hot spot scores +, a COLD spot scores -.
-    # `peak` barely tells a map that is cold on one object (a category whose
-    # audio points away from its own object) from a flat one, and gives the
-    # cold object no gradient; here the arg-min gets one too. See
-    # "Categories that are never learned" in the module docstring.
-    mean = sims.mean(-1)
-    return (sims.max(-1) - mean) - (mean - sims.min(-1))
   raise ValueError(f'pooling {how!r}; expected one of {POOLINGS} '
                    '(config.loss.positives / config.loss.negatives)')
 

@@ -8,13 +8,14 @@ r"""Entry point: train and/or evaluate TAVLO.
 from __future__ import annotations
 
 import difflib
-import logging as logging_std
 import os
 import sys
 
 from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
+
+from tavlo_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally `:variant`.', lock_config=True)
@@ -51,19 +52,8 @@ def _init_distributed():
   jax.distributed.initialize(**kwargs)  # the rest comes from the environment
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of Orbax/absl internals from the console; keeps warnings."""
-  NOISY = ('orbax', 'checkpoint_manager', 'async_checkpointer', 'xla_bridge',
-           'dataset_info.py')   # TFDS: 'Load dataset info from ...' per builder
-
-  def filter(self, record):
-    if record.levelno >= logging_std.WARNING:
-      return True
-    return not any(n in record.pathname for n in self.NOISY)
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(logs.QuietLibraries('warning'))
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _WORKDIR.value is None:

@@ -20,23 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tavlo_jax import cli, losses
+from tavlo_jax import cli, losses, models
 # main's --config flag (locked) and its one-line errors for bad overrides.
 from tavlo_jax import main as main_lib
-from tavlo_jax.data.audio import feature_bins
-from tavlo_jax.models import build_model
 
 _CONFIG = main_lib._CONFIG  # pylint: disable=protected-access
 _BATCH = flags.DEFINE_integer('batch', 2, 'clips per batch for the FLOP count')
 _TRAIN = flags.DEFINE_bool('train', False, 'also count a training step')
-
-
-def _input_shapes(config, batch: int):
-  t, s = config.input.num_frames, config.input.image_size
-  width = t * config.input.audio.columns_per_frame
-  return (jax.ShapeDtypeStruct((batch, t, s, s, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch, width, feature_bins(config.input.audio)),
-                               jnp.float32))
 
 
 def _flops(compiled) -> float:
@@ -48,8 +38,8 @@ def _flops(compiled) -> float:
 
 def count(config, batch: int = 2, flops: bool = True, train: bool = False):
   """dict(params, params_by_module, forward_flops[, train_flops])."""
-  model = build_model(config)
-  frames, audio = _input_shapes(config, batch)
+  model = models.build_model(config)
+  frames, audio = models.input_spec(config, batch)
   variables = nn.meta.unbox(jax.eval_shape(
       functools.partial(model.init, train=False), jax.random.key(0), frames,
       audio))

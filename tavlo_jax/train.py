@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from tavlo_jax import checkpointing, input_data, losses, sharding
 from tavlo_jax import models
 from tavlo_jax.data import audio as audio_lib
+from tavlo_jax.data import pipeline
 
 
 class TrainState(train_state.TrainState):
@@ -73,14 +74,6 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 # State: abstract first, then materialised directly into its shardings
 # ---------------------------------------------------------------------------
 
-def dummy_inputs(config, batch_size: int):
-  t, s = config.input.num_frames, config.input.image_size
-  cols = t * config.input.audio.columns_per_frame
-  return (jnp.zeros((batch_size, t, s, s, 3), jnp.uint8),
-          jnp.zeros((batch_size, cols, audio_lib.feature_bins(config.input.audio)),
-                    jnp.float32))
-
-
 def base_rngs(config):
   """(init_rng, step_rng) from `config.seed`."""
   # rbg keys: same guarantees for our use, and ~4x faster to compile on CPU.
@@ -92,7 +85,7 @@ def _boxed_state_init(config, model, mesh, rng):
   tx, _ = make_optimizer(config)
 
   def init_boxed(rng):
-    frames, audio = dummy_inputs(config, 2)
+    frames, audio = models.dummy_inputs(config, 2)
     variables = model.init(rng, frames, audio, train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              tx=tx, batch_stats=variables.get('batch_stats', {}))
@@ -156,19 +149,10 @@ def _audio_shifts(config, batch, rng):
   return dict(audio_shifts=shifts)
 
 
-def _sounding(config, audio):
-  """bool [B, T] frames the loss uses, or None (all): see sounding_frames."""
-  if config.loss.sounding_frames_db <= 0:
-    return None
-  return audio_lib.sounding_frames(audio, config.input.num_frames,
-                                   config.loss.sounding_frames_db)
-
-
 def train_step(state: TrainState, batch, base_rng, *, config, model):
   """One update. Pure: everything random comes from fold_in(rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
   audio = _model_audio(config, batch)
-  frames_used = _sounding(config, audio)   # from the input alone, not the params
 
   def loss_fn(params):
     variables = {'params': params}
@@ -179,7 +163,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
     out, updates = model.apply(variables, batch['frames'], audio, train=True,
                                mutable=mutable, rngs={'dropout': rng},
                                **_audio_shifts(config, batch, rng))
-    loss, aux = losses.make_loss(config)(out, mask=frames_used)
+    loss, aux = losses.make_loss(config)(out)
     return loss, (aux, updates)
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -192,8 +176,6 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
   # stops with the step named; in `skip` mode training simply goes on.
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, **aux)
-  if frames_used is not None:
-    metrics['sounding_fraction'] = frames_used.mean()
   return new_state, metrics
 
 
@@ -367,7 +349,7 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
   pending = []
   for step in range(start + 1, total + 1):
     host_batch = next(train_iter)
-    batch = input_data.to_global(host_batch, mesh)
+    batch = pipeline.make_global_batch(host_batch, mesh)
     state, metrics = train_fn(state, batch, rng)
     pending.append(metrics)
     is_last = step == total

@@ -35,6 +35,7 @@ def cpu4():
   return topology, compiled, mesh, seconds
 
 
+@pytest.mark.slow
 def test_cpu_topology_compiles_runlocal_and_reports_memory_and_flops(cpu4):
   topology, compiled, mesh, seconds = cpu4
   assert len(topology.devices) == 4 and topology.memory_bytes > 0
@@ -54,6 +55,7 @@ def test_cpu_topology_compiles_runlocal_and_reports_memory_and_flops(cpu4):
   assert text.splitlines()[-1].startswith('verdict: fits (')
 
 
+@pytest.mark.slow
 def test_tiny_capacity_does_not_fit_and_exits_3(cpu4):
   topology, compiled, mesh, _ = cpu4
   report = aot_compile.measure(compiled, mesh, topology,
@@ -89,6 +91,7 @@ def test_unknown_topology_is_one_clear_line():
     aot_compile.get_topology('cpu:64')
 
 
+@pytest.mark.slow
 def test_cli_unknown_topology_exits_2_without_traceback():
   r = subprocess.run(
       [sys.executable, '-m', 'tavlo_jax.aot_compile', f'--config={RUNLOCAL}',

@@ -161,31 +161,6 @@ def test_hop_must_be_an_integer():
                          config_lib.base_config().input.audio, 16)
 
 
-def test_sounding_frames_finds_the_frames_with_sound_in_them():
-  c = config_lib.base_config().input.audio
-  t, cols, spf = 12, 16, 2000                       # 8 fps: 2000 samples a frame
-  rng = np.random.default_rng(0)
-  noise = 0.05 * rng.standard_normal((2, t * spf))
-  tone = np.zeros((2, t * spf))
-  time = np.arange(3 * spf) / c.sample_rate
-  tone[0, 4 * spf:7 * spf] = 0.15 * np.sin(2 * np.pi * 700 * time)   # frames 4-6
-  tone[1, :] = 0.5 * np.sin(2 * np.pi * 300 * np.arange(t * spf) / c.sample_rate)
-  tone[1, 9 * spf:] *= 0.6                          # -4.4 dB from frame 9 on
-  logmel = audio_lib.log_mel_np(
-      (noise + tone).astype(np.float32), c, t * cols)
-  got = np.asarray(jax.jit(audio_lib.sounding_frames, static_argnums=(1, 2))(
-      logmel, t, 3.0))
-  np.testing.assert_array_equal(got[0], np.isin(np.arange(t), [4, 5, 6]))
-  # Sound throughout: only what stands 3 dB above the quietest frame stays.
-  # float64 reference: frame energy = 10 log10 of the summed mel power.
-  power = np.exp(np.asarray(logmel, np.float64)).reshape(2, t, -1).sum(-1)
-  db = 10 * np.log10(power)
-  np.testing.assert_array_equal(got, db >= db.min(1, keepdims=True) + 3.0)
-  assert got[1, :9].all() and not got[1, 9:].any()
-  with pytest.raises(ValueError, match='do not split into 5 frames'):
-    audio_lib.sounding_frames(logmel, 5, 3.0)
-
-
 # ---- train batches ----------------------------------------------------------
 
 

@@ -90,6 +90,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_read_disjoint_shards_and_build_global_batches(
     tmp_path):

@@ -164,6 +164,7 @@ def test_bad_heatmaps_are_named(annotations, caplog):
   assert 'vidZ/3' in caplog.text
 
 
+@pytest.mark.slow
 def test_cli_writes_reports(annotations, tmp_path):
   root, frames = annotations
   rng = np.random.default_rng(1)

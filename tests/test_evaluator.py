@@ -28,7 +28,7 @@ NUM_PROCESSES = 2
 def make_config(rule='raw_max'):
   c = config_lib.base_config()
   c.eval.offscreen_rule = rule
-  c.evals.total = {'split': 'test', 'frames': 'all', 'prefix': 'eval/total/'}
+  c.evals.total = {'frames': 'all', 'prefix': 'eval/total/'}
   return c
 
 
@@ -208,6 +208,7 @@ def test_window_rule_pools_the_clips_neighbouring_frames(clips):
   assert r0['tn'] == pytest.approx(100 * (peak[off] < cal0['window_threshold']).mean())
 
 
+@pytest.mark.slow
 def test_batch_size_and_sharding_do_not_change_anything(clips, evaluated):
   _, table, cal, results = evaluated
   ev = run_evaluator(clips, 5)                                # other padding
@@ -257,7 +258,7 @@ def test_category_scores_match_a_hand_count():
             ('offscreen', 2, 1), ('offscreen', 0, 0),   # off screen: not counted
             ('single', -1, 1), ('multi', -1, 0),   # unknown / several: left out
             ('single', 4, 1)]
-  table = {'tags': np.array([[t == s for s in evaluator_lib.SCENARIO_COLUMNS]
+  table = {'tags': np.array([[t == s for s in evaluator_lib.SCENARIOS]
                              for t, _, _ in frames]),
            'category': np.array([c for _, c, _ in frames], np.int32),
            'hit': np.array([h for _, _, h in frames], bool)}
@@ -333,6 +334,7 @@ def test_per_category_pointing_in_results_and_reports(clips, evaluated, tmp_path
   assert sorted(set(table['category'].tolist())) == [-1, 0, 1, 2]
 
 
+@pytest.mark.slow
 def test_batch_without_category_still_evaluates(clips, evaluated):
   _, table, cal, results = evaluated
   ev = evaluator_lib.Evaluator(make_config())
@@ -452,6 +454,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_give_the_single_process_numbers(evaluated, tmp_path):
   _, table, cal, results = evaluated

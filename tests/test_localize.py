@@ -22,7 +22,8 @@ from PIL import Image
 
 from tavlo_datasets import media
 from tavlo_datasets.robustness import BadExample
-from tavlo_jax import checkpointing, config_lib, evaluate_maps, localize, models, train
+from tavlo_jax import (checkpointing, config_lib, evaluate_maps, localize, models, train,
+                       trained_run, video_maps)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SR = 16000
@@ -49,7 +50,7 @@ def _save_run(workdir, config):
   """
   os.makedirs(workdir, exist_ok=True)
   model = models.build_model(config)
-  frames, audio = train.dummy_inputs(config, 1)
+  frames, audio = models.dummy_inputs(config, 1)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
       model.init(jax.random.key(0), frames, audio, train=False)))
   rng = np.random.default_rng(config.seed)
@@ -99,7 +100,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(run_dir):
-  return localize.load_run(run_dir)
+  return trained_run.load_run(run_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -113,14 +114,14 @@ def test_in_view_rule_from_eval_json_and_peak_window_scores(tmp_path):
       'offscreen_rule': 'peak_window', 'offscreen_window_half_width': 1,
       'offscreen_window_quantile': 1.0,
       'calibration': {'raw_threshold': 0.4, 'window_threshold': 0.25}}}))
-  rule = localize._in_view_rule(str(tmp_path), 7)
-  assert rule == localize.InView('peak_window', 0.25, 1, 1.0)
+  rule = trained_run.in_view_rule(str(tmp_path), 7)
+  assert rule == trained_run.InView('peak_window', 0.25, 1, 1.0)
   # Peaks (max - mean) 0.1, 0.5, 0.2, 0.0; the max over +-1 model frames:
   raw_max = np.array([0.3, 0.9, 0.4, 0.1])
   raw_mean = np.array([0.2, 0.4, 0.2, 0.1])
   np.testing.assert_allclose(rule.scores(raw_max, raw_mean), [0.5, 0.5, 0.5, 0.2])
-  np.testing.assert_allclose(localize.InView('raw_max', 0.4).scores(raw_max, raw_mean), raw_max)
-  assert localize._in_view_rule(str(tmp_path), 8) is None         # step never evaluated
+  np.testing.assert_allclose(trained_run.InView('raw_max', 0.4).scores(raw_max, raw_mean), raw_max)
+  assert trained_run.in_view_rule(str(tmp_path), 8) is None         # step never evaluated
 
 
 @pytest.mark.parametrize('width,height,expected', [
@@ -131,10 +132,10 @@ def test_in_view_rule_from_eval_json_and_peak_window_scores(tmp_path):
     (1000, 2, (15, 0, 1, 32)),      # degenerate: at least one row
 ])
 def test_letterbox_geometry(width, height, expected):
-  box = localize.letterbox_geometry(width, height, 32)
+  box = video_maps.letterbox_geometry(width, height, 32)
   assert (box.top, box.left, box.height, box.width) == expected
   frames = np.full((2, box.height, box.width, 3), 200, np.uint8)
-  canvas = localize.letterbox(frames, box)
+  canvas = video_maps.letterbox(frames, box)
   assert canvas.shape == (2, 32, 32, 3)
   assert canvas.sum() == frames.sum()           # the picture, on black
   assert (canvas[:, box.top:box.top + box.height, box.left:box.left + box.width] == 200).all()
@@ -163,26 +164,26 @@ def _grid(config):
 
 def test_crop_to_picture_keeps_square_maps_and_crops_bars():
   grid = np.random.default_rng(0).normal(size=(3, 4, 4)).astype(np.float32)
-  square = localize.letterbox_geometry(64, 64, 32)
-  assert localize.crop_to_picture(grid, square) is grid
-  up = localize.CROP_UPSAMPLE
+  square = video_maps.letterbox_geometry(64, 64, 32)
+  assert video_maps.crop_to_picture(grid, square) is grid
+  up = video_maps.CROP_UPSAMPLE
   # Portrait 16x32 in a 32 input: the picture is columns 8..24 (of 32), i.e.
   # columns 4..12 of the 16-wide upsampled map; the bars are dropped.
-  box = localize.letterbox_geometry(16, 32, 32)
+  box = video_maps.letterbox_geometry(16, 32, 32)
   assert (box.left, box.width) == (8, 16)
-  out = localize.crop_to_picture(grid, box)
+  out = video_maps.crop_to_picture(grid, box)
   assert out.shape == (3, 4 * up, 2 * up)
   np.testing.assert_allclose(out, _bilinear_reference(grid, up)[:, :, up:3 * up], atol=1e-5)
   # Landscape 32x8: rows 12..20 of 32.
-  box = localize.letterbox_geometry(32, 8, 32)
-  out = localize.crop_to_picture(grid, box)
+  box = video_maps.letterbox_geometry(32, 8, 32)
+  out = video_maps.crop_to_picture(grid, box)
   np.testing.assert_allclose(out, _bilinear_reference(grid, up)[:, 6:10], atol=1e-5)
 
 
 @pytest.mark.parametrize('n,window,stride', [(1, 8, 4), (8, 8, 4), (9, 8, 4), (20, 8, 4),
                                              (23, 8, 3), (100, 16, 8)])
 def test_windows_cover_every_frame_and_end_on_the_last(n, window, stride):
-  starts = localize.window_starts(n, window, stride)
+  starts = video_maps.window_starts(n, window, stride)
   covered = np.zeros(max(n, window), int)
   for s in starts:
     covered[s:s + window] += 1
@@ -212,13 +213,13 @@ def test_blending_averages_windows_and_cuts_audio_as_training_does(block):
     maps[:, :, 1, :] = np.arange(window)[None, :, None]     # position in the window
     return maps
 
-  out = localize.blended_maps(fake_predict, frames, waveform, window=window, stride=3,
+  out = video_maps.blended_maps(fake_predict, frames, waveform, window=window, stride=3,
                               fps=fps, sample_rate=SR, batch_windows=2, audio_block=block,
                               progress=False)
   assert out.shape == (n, 2, 2)
   assert calls and set(calls) == {2}                  # every call a full batch
   padded = np.concatenate([np.zeros(spf), waveform.astype(np.float64), np.zeros(2 * spf)])
-  starts = localize.window_starts(n, window, 3)
+  starts = video_maps.window_starts(n, window, 3)
   for f in range(n):
     # Frame f's audio: the spf samples centred on its time f / fps, or
     # (trailing) the spf samples that end there.
@@ -232,7 +233,7 @@ def test_iter_frames_picks_by_timestamp_like_read_video(tmp_path):
   path = _variable_rate_video(tmp_path / 'vfr.mp4')
   for fps in (8.0, 12.0):
     expected, _, _ = media.read_video(path, fps)
-    got = np.stack(list(localize.iter_frames(path, fps, len(expected))))
+    got = np.stack(list(video_maps.iter_frames(path, fps, len(expected))))
     np.testing.assert_array_equal(got, expected)
 
 
@@ -262,11 +263,12 @@ def _variable_rate_video(path):
   return str(path)
 
 
+@pytest.mark.slow
 def test_outputs_match_the_input_video(trained, tmp_path):
   # 12 fps input, the model sees 8 fps: maps are mapped back to every frame.
   path = _video(tmp_path / 'clip one.mp4', n=30, fps=12.0)
   out = tmp_path / 'out'
-  r = localize.localize_video(trained, path, str(out), progress=False)
+  r = video_maps.localize_video(trained, path, str(out), progress=False)
   overlay = out / 'clip one.overlay.mp4'
   assert r.overlay_path == str(overlay) and r.model_fps == 8.0
   src, dst = media.video_info(path), media.video_info(overlay)
@@ -290,7 +292,7 @@ def test_outputs_match_the_input_video(trained, tmp_path):
   grid = _grid(trained.config)
   for k in range(30):
     m = maps[f'clip one/{k}']
-    assert m.shape != (grid, grid) and m.shape[1] == grid * localize.CROP_UPSAMPLE
+    assert m.shape != (grid, grid) and m.shape[1] == grid * video_maps.CROP_UPSAMPLE
     assert np.isfinite(m).all() and -1.0 <= m.min() <= m.max() <= 1.0
   # Frame k (time k/12) shows model frame j (time j/8) nearest in time.
   nearest = [int(np.floor(k * 8 / 12 + 0.5)) for k in range(30)]
@@ -304,7 +306,7 @@ def test_outputs_match_the_input_video(trained, tmp_path):
   np.testing.assert_allclose(raw_max, [maps[f'clip one/{k}'].max() for k in range(30)], atol=1e-6)
   # "In view" under the run's rule (raw_max here): raw_max against its
   # calibrated threshold.
-  assert trained.in_view == localize.InView('raw_max', RAW_THRESHOLD)
+  assert trained.in_view == trained_run.InView('raw_max', RAW_THRESHOLD)
   score = np.array([float(row.split(',')[4]) for row in rows[1:]])
   np.testing.assert_allclose(score, raw_max, atol=1e-6)
   in_view = [int(row.split(',')[5]) for row in rows[1:]]
@@ -315,8 +317,8 @@ def test_outputs_match_the_input_video(trained, tmp_path):
 
 def test_maps_are_deterministic_and_evaluate_maps_reads_them(trained, tmp_path):
   path = _video(tmp_path / 'v.mp4', n=16, fps=8.0, height=32, width=32)
-  one = localize.localize_video(trained, path, None, progress=False)
-  two = localize.localize_video(trained, path, None, progress=False)
+  one = video_maps.localize_video(trained, path, None, progress=False)
+  two = video_maps.localize_video(trained, path, None, progress=False)
   assert one.overlay_path is None
   for a, b in zip(one.frame_maps, two.frame_maps):
     np.testing.assert_array_equal(a, b)
@@ -338,7 +340,7 @@ def test_maps_are_deterministic_and_evaluate_maps_reads_them(trained, tmp_path):
 def test_variable_frame_rate_video(trained, tmp_path):
   path = _variable_rate_video(tmp_path / 'vfr.mp4')
   info = media.video_info(path)
-  r = localize.localize_video(trained, path, str(tmp_path / 'out'), progress=False)
+  r = video_maps.localize_video(trained, path, str(tmp_path / 'out'), progress=False)
   expected = len(media.output_times(info.duration, info.fps))
   assert r.num_frames == expected == _count_frames(r.overlay_path)
   assert media.video_info(r.overlay_path).fps == pytest.approx(info.fps, rel=1e-3)
@@ -348,19 +350,19 @@ def test_variable_frame_rate_video(trained, tmp_path):
 @pytest.mark.parametrize('height,width', [(48, 36), (10, 8)])
 def test_portrait_and_tiny_videos_keep_their_size(trained, tmp_path, height, width):
   path = _video(tmp_path / 'v.mp4', n=10, fps=8.0, height=height, width=width)
-  r = localize.localize_video(trained, path, str(tmp_path / 'out'), overlay='png',
+  r = video_maps.localize_video(trained, path, str(tmp_path / 'out'), overlay='png',
                               progress=False)
   box = r.letterbox
   assert box.height == 32 and box.width == round(32 * width / height)
   h, w = r.frame_maps[0].shape
-  assert h > w and h == _grid(trained.config) * localize.CROP_UPSAMPLE   # picture's shape, no bars
+  assert h > w and h == _grid(trained.config) * video_maps.CROP_UPSAMPLE   # picture's shape, no bars
   strip = np.asarray(Image.open(r.overlay_path))
   assert strip.shape[1] > strip.shape[0]                 # frames side by side
 
 
 def test_gif_overlay_has_every_frame(trained, tmp_path):
   path = _video(tmp_path / 'v.mp4', n=12, fps=12.0)
-  r = localize.localize_video(trained, path, str(tmp_path / 'out'), overlay='gif',
+  r = video_maps.localize_video(trained, path, str(tmp_path / 'out'), overlay='gif',
                               progress=False)
   with Image.open(r.overlay_path) as gif:
     assert gif.n_frames == 12 and gif.size == (48, 36)
@@ -374,8 +376,8 @@ def test_no_audio_stream_is_an_error_or_silence_by_flag(trained, tmp_path, caplo
   path = _video(tmp_path / 'mute.mp4', n=8, fps=8.0, audio=False)
   with pytest.raises(localize.LocalizeError,
                      match=r'mute\.mp4.*no audio stream.*--on_missing_audio=silence'):
-    localize.localize_video(trained, path, str(tmp_path / 'out'), progress=False)
-  r = localize.localize_video(trained, path, str(tmp_path / 'out'), progress=False,
+    video_maps.localize_video(trained, path, str(tmp_path / 'out'), progress=False)
+  r = video_maps.localize_video(trained, path, str(tmp_path / 'out'), progress=False,
                               on_missing_audio='silence')
   assert 'against silence' in caplog.text
   assert not r.has_audio and _count_frames(r.overlay_path) == 8
@@ -386,34 +388,34 @@ def test_corrupt_and_truncated_files_are_named(trained, tmp_path):
   garbage = tmp_path / 'garbage.mp4'
   garbage.write_bytes(np.random.default_rng(0).bytes(5000))
   with pytest.raises(BadExample, match=r'garbage\.mp4: corrupt_video'):
-    localize.localize_video(trained, str(garbage), None, progress=False)
+    video_maps.localize_video(trained, str(garbage), None, progress=False)
   good = pathlib.Path(_video(tmp_path / 'good.mp4', n=24, fps=8.0))
   cut = tmp_path / 'cut.mp4'
   data = good.read_bytes()
   cut.write_bytes(data[:len(data) // 2])
   with pytest.raises(BadExample, match=r'cut\.mp4: corrupt_video'):
-    localize.localize_video(trained, str(cut), None, progress=False)
+    video_maps.localize_video(trained, str(cut), None, progress=False)
   with pytest.raises(localize.LocalizeError, match=r'nothere\.mp4: no such video file'):
-    localize.localize_video(trained, str(tmp_path / 'nothere.mp4'), None, progress=False)
+    video_maps.localize_video(trained, str(tmp_path / 'nothere.mp4'), None, progress=False)
   with pytest.raises(localize.LocalizeError, match=r'--window_stride=99: expected 1\.\.8'):
-    localize.localize_video(trained, str(good), None, window_stride=99, progress=False)
+    video_maps.localize_video(trained, str(good), None, window_stride=99, progress=False)
   with pytest.raises(localize.LocalizeError, match=r'cannot run at 30 fps.*pass an --fps'):
-    localize.localize_video(trained, str(good), None, fps=30.0, progress=False)
+    video_maps.localize_video(trained, str(good), None, fps=30.0, progress=False)
   with pytest.raises(localize.LocalizeError, match=r'matches no file'):
     localize.expand_videos(str(tmp_path / '*.mkv'))
 
 
 def test_checkpoint_problems_are_named(tmp_path, run_dir):
   with pytest.raises(localize.LocalizeError, match='is not a directory'):
-    localize.find_checkpoint(str(tmp_path / 'missing'))
+    trained_run.find_checkpoint(str(tmp_path / 'missing'))
   (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True)
   with pytest.raises(localize.LocalizeError, match='no finished checkpoint step'):
-    localize.find_checkpoint(str(tmp_path / 'empty'))
+    trained_run.find_checkpoint(str(tmp_path / 'empty'))
   # A step folder copied away from its run has no config.json above it.
   orphan = tmp_path / 'a' / 'b' / 'c' / '0'
   (orphan / 'state').mkdir(parents=True)
   with pytest.raises(localize.LocalizeError, match='no config.json'):
-    localize.find_checkpoint(str(orphan))
+    trained_run.find_checkpoint(str(orphan))
   # A config.json written before a field existed: the field takes its default.
   stored = json.loads(pathlib.Path(run_dir, 'config.json').read_text())
   del stored['model']['attention_block']
@@ -421,33 +423,56 @@ def test_checkpoint_problems_are_named(tmp_path, run_dir):
   old = tmp_path / 'old'
   old.mkdir()
   (old / 'config.json').write_text(json.dumps(stored))
-  config = localize.load_config(str(old))
+  config = trained_run.load_config(str(old))
   assert config.model.attention_block == config_lib.base_config().model.attention_block
   assert config.model.attention_impl == 'xla'      # same params, one device
   bad = tmp_path / 'badjson'
   bad.mkdir()
   (bad / 'config.json').write_text('{not json')
   with pytest.raises(localize.LocalizeError, match=r'config\.json: cannot read'):
-    localize.load_config(str(bad))
+    trained_run.load_config(str(bad))
 
 
+def test_a_run_stored_with_retired_fields_still_loads(tmp_path, run_dir):
+  """config.json of a run trained before an experiment was removed holds
+  its field: at its "off" value it is ignored; switched on, the run was a
+  model this code cannot build, and the field is named."""
+  stored = json.loads(pathlib.Path(run_dir, 'config.json').read_text())
+  for name, off in trained_run.RETIRED_FIELDS.items():
+    section, field = name.split('.')
+    stored[section][field] = off
+  stored['evals']['total']['split'] = 'test'
+  old = tmp_path / 'old'
+  old.mkdir()
+  (old / 'config.json').write_text(json.dumps(stored))
+  config = trained_run.load_config(str(old))
+  assert 'aligned_maps' not in config.model and 'split' not in config.evals.total
+  models.build_model(config)
+  stored['model']['aligned_maps'] = True
+  (old / 'config.json').write_text(json.dumps(stored))
+  with pytest.raises(localize.LocalizeError, match=r'model\.aligned_maps=True'):
+    trained_run.load_config(str(old))
+
+
+@pytest.mark.slow
 def test_checkpoint_from_another_config_uses_its_stored_config(tmp_path, run_dir):
   other = _config(**{'input.num_frames': 4, 'input.image_size': 40, 'model.embed_dim': 8})
   workdir = _save_run(tmp_path / 'other', other)
   # A checkpoints/<step> folder works too: config.json is found above it.
-  r = localize.load_run(os.path.join(workdir, 'checkpoints', '0'))
+  r = trained_run.load_run(os.path.join(workdir, 'checkpoints', '0'))
   assert r.config.input.num_frames == 4 and r.step == 0
   assert r.in_view is None                               # never evaluated
   path = _video(tmp_path / 'v.mp4', n=10, fps=8.0, height=32, width=32)
-  out = localize.localize_video(r, path, None, progress=False)
+  out = video_maps.localize_video(r, path, None, progress=False)
   g = _grid(r.config)
   assert g == 40 // 4 and out.frame_maps[0].shape == (g, g)   # 40 px input, fine maps
   # The weights of one run with the config of another: named, not a traceback.
   (tmp_path / 'other' / 'config.json').write_text(pathlib.Path(run_dir, 'config.json').read_text())
   with pytest.raises(localize.LocalizeError, match='does not fit'):
-    localize.load_run(workdir)
+    trained_run.load_run(workdir)
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_in_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   r = subprocess.run([sys.executable, '-m', 'tavlo_jax.localize',

@@ -37,8 +37,7 @@ def reference(visual, audio, temperature, negatives, symmetric, mask=None,
   valid = np.ones((b, t), bool) if mask is None else np.broadcast_to(
       np.asarray(mask).reshape(b, -1), (b, t))
   pool = {'max': np.max, 'mean': np.mean,
-          'peak': lambda x: np.max(x) - np.mean(x),
-          'signed_peak': lambda x: np.max(x) + np.min(x) - 2 * np.mean(x)}
+          'peak': lambda x: np.max(x) - np.mean(x)}
   terms = np.zeros((b, t))
   for f in range(t):
     logits = np.zeros((b, b))
@@ -65,8 +64,7 @@ def reference(visual, audio, temperature, negatives, symmetric, mask=None,
 
 
 @pytest.mark.parametrize('positives,negatives',
-                         [('max', 'max'), ('max', 'mean'), ('peak', 'peak'),
-                          ('signed_peak', 'signed_peak')])
+                         [('max', 'max'), ('max', 'mean'), ('peak', 'peak')])
 @pytest.mark.parametrize('symmetric', [True, False])
 @pytest.mark.parametrize('masked', [False, True])
 def test_matches_float64_reference(positives, negatives, symmetric, masked):
@@ -273,26 +271,6 @@ def test_peak_pooling_tells_a_hot_source_from_an_inverted_map():
   assert pool(hot, 'max') == pytest.approx(pool(inverted, 'max'))
   assert pool(hot, 'peak') == pytest.approx(s * (n - 1) / n)
   assert pool(inverted, 'peak') == pytest.approx(s / n)
-
-
-def test_signed_peak_scores_a_cold_object_below_a_flat_map():
-  """A category whose audio points away from its own object gives a map with
-  one COLD location. 'peak' still scores it above a flat map (s/n > 0) and
-  sends the cold location no gradient; 'signed_peak' scores it below zero,
-  and its gradient raises the cold location."""
-  n, s = 16, 0.6
-  flat = np.zeros((1, 1, n), np.float32)
-  cold = flat.copy()
-  cold[..., 5] = -s
-  hot = -cold
-  pool = lambda x, how: float(losses._pool(jnp.asarray(x), how)[0, 0])  # pylint: disable=protected-access
-  assert pool(cold, 'peak') > pool(flat, 'peak') == 0
-  assert pool(cold, 'signed_peak') == pytest.approx(-s * (n - 2) / n)
-  assert pool(hot, 'signed_peak') == pytest.approx(s * (n - 2) / n)
-  grad = jax.grad(lambda x: losses._pool(x, 'signed_peak').sum())(jnp.asarray(cold))  # pylint: disable=protected-access
-  assert float(grad[0, 0, 5]) > 0
-  assert float(np.asarray(jax.grad(lambda x: losses._pool(x, 'peak').sum())(  # pylint: disable=protected-access
-      jnp.asarray(cold)))[0, 0, 5]) < 0
 
 
 def test_make_loss_from_config():

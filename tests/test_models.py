@@ -2,7 +2,6 @@
 
 import functools
 import math
-import sys
 
 import flax.linen as nn
 import jax
@@ -172,6 +171,7 @@ def _frames_changed(a, b):
       axis=(0, 2, 3, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
 def test_temporal_attention_mixes_frames_baseline_does_not(name):
   c = tiny_config(temporal_window=-1)
@@ -188,6 +188,7 @@ def test_temporal_attention_mixes_frames_baseline_does_not(name):
     np.testing.assert_array_equal(change[1:], 0.0)
 
 
+@pytest.mark.slow
 def test_motion_features_are_the_change_since_the_previous_frame():
   """with_motion against numpy; in the model (no temporal attention), a
   change to frame t reaches the visual tokens of t and t + 1 only."""
@@ -206,29 +207,26 @@ def test_motion_features_are_the_change_since_the_previous_frame():
   np.testing.assert_array_equal(change[[0, 1, 4, 5]], 0.0)
 
 
-@pytest.mark.parametrize('name,aligned', [('tavlo', False), ('ezvsl', False),
-                                          ('tavlo', True)])
-def test_fine_map_is_upsampled_tokens_plus_features_of_each_patch(name, aligned):
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
+def test_fine_map_is_upsampled_tokens_plus_features_of_each_patch(name):
   """fine_stride=2 on the tiny model (token grid 4x4): the map is 8x8; its
-  token part is the bilinear upsampling, or with aligned_maps the tokens
-  interpolated at their receptive-field centres (float64 references), and
-  its local part sees one 2x2 pixel patch only."""
-  c = tiny_config('runlocal' if name == 'tavlo' else 'runlocal+ezvsl', fine_stride=2,
-                  aligned_maps=aligned)
+  token part is the bilinear upsampling (float64 reference), and its local
+  part sees one 2x2 pixel patch only."""
+  c = tiny_config('runlocal' if name == 'tavlo' else 'runlocal+ezvsl', fine_stride=2)
   frames, audio = inputs(c)
   variables, apply = init_and_apply(c, frames, audio)
   assert apply(variables, frames, audio)['heatmap'].shape == (2, 6, 8, 8)
 
   x = tavlo_lib.normalize_frames(frames, jnp.float32)
   tokens = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 4, 4, 8)), jnp.float32)
-  fine_only = _FineOnly(aligned)
+  fine_only = _FineOnly()
   params = nn.meta.unbox(fine_only.init(init_key(), tokens, x))
   got = np.asarray(fine_only.apply(params, tokens, x) - fine_only.apply(
       params, jnp.zeros_like(tokens), x))
   for b, t, d in [(0, 0, 0), (1, 5, 7), (0, 3, 4)]:
     tok = np.asarray(tokens[b, t, :, :, d])
-    want = (cells_reference(tok, 4, 2, (8, 8)) if aligned
-            else reference.resize(tok, (8, 8)))
+    want = reference.resize(tok, (8, 8))
     np.testing.assert_allclose(got[b, t, :, :, d], want, atol=1e-5)
   # One 2x2 patch changed (rows 4-5, cols 2-3) moves the patch features at
   # cell (2, 1) only (GroupNorm then rescales them per frame).
@@ -244,83 +242,19 @@ def test_fine_map_is_upsampled_tokens_plus_features_of_each_patch(name, aligned)
 
 
 class _FineOnly(nn.Module):
-  aligned: bool
 
   @nn.compact
   def __call__(self, tokens, frames):
-    return tavlo_lib.add_local_features(tokens, frames, 2, False, jnp.float32,
-                                        self.aligned)
+    return tavlo_lib.add_local_features(tokens, frames, 2, False, jnp.float32)
 
 
-def cells_reference(tokens, token_stride, cell_stride, out_hw):
-  """float64: token (i, j) sits at pixel (S i, S j); output cell (y, x) is
-  the bilinear interpolation at its centre pixel (c y + (c-1)/2, ...),
-  holding the edge token beyond the outermost centres (np.interp)."""
-  tokens = np.asarray(tokens, np.float64)
-  h, w = tokens.shape
-  at = lambda n: cell_stride * np.arange(n) + (cell_stride - 1) / 2
-  rows = np.stack([np.interp(at(out_hw[0]), token_stride * np.arange(h), tokens[:, j])
-                   for j in range(w)], axis=1)
-  return np.stack([np.interp(at(out_hw[1]), token_stride * np.arange(w), rows[i])
-                   for i in range(out_hw[0])])
-
-
-@pytest.mark.parametrize('token_stride,cell_stride,grid', [
-    (8, 4, 8), (8, 8, 8), (32, 4, 2), (4, 1, 3)])
-def test_tokens_onto_cells_interpolates_at_receptive_field_centres(
-    token_stride, cell_stride, grid):
-  size = token_stride * grid
-  out_hw = (size // cell_stride, size // cell_stride)
-  tokens = np.random.default_rng(token_stride + grid).normal(size=(2, 3, grid, grid, 5))
-  got = np.asarray(tavlo_lib.tokens_onto_cells(
-      jnp.asarray(tokens, jnp.float32), token_stride, cell_stride, out_hw))
-  assert got.shape == (2, 3) + out_hw + (5,)
-  for b, t, d in [(0, 0, 0), (1, 2, 4), (0, 1, 3)]:
-    want = cells_reference(tokens[b, t, :, :, d], token_stride, cell_stride, out_hw)
-    np.testing.assert_allclose(got[b, t, :, :, d], want, atol=1e-5)
-  # A token grid that is constant stays exactly that (edges included).
-  const = tavlo_lib.tokens_onto_cells(jnp.full((1, 1, grid, grid, 1), 0.3),
-                                      token_stride, cell_stride, out_hw)
-  np.testing.assert_allclose(const, 0.3, rtol=1e-6)
-
-
-def test_plain_placement_is_the_resize_and_aligned_moves_the_map_up_left():
-  """aligned=False is jax.image.resize (tokens at their cell centres). With
-  aligned=True a peak token's map peak moves up-left, towards the pixel its
-  receptive field is centred on (token 2 of stride 8: pixel 16, not 19.5)."""
-  tokens = jnp.zeros((1, 1, 8, 8, 1)).at[0, 0, 2, 2, 0].set(1.0)
-  plain = tavlo_lib.place_tokens(tokens, 64, 4, aligned=False)
-  np.testing.assert_allclose(plain[0, 0, :, :, 0],
-                             reference.resize(np.asarray(tokens[0, 0, :, :, 0]), (16, 16)),
-                             atol=1e-6)
-  aligned = np.asarray(tavlo_lib.place_tokens(tokens, 64, 4, aligned=True))[0, 0, :, :, 0]
-  rows = np.arange(16) * 4 + 1.5                  # cell centres, pixels
-  def centroid(m):
-    w = m.sum(1)
-    return float((w * rows).sum() / w.sum())
-  assert centroid(np.asarray(plain)[0, 0, :, :, 0]) == pytest.approx(19.5)
-  assert centroid(aligned) == pytest.approx(16.0)
-
-
-@pytest.mark.parametrize('variant', ['runlocal', 'runlocal+ezvsl'])
-def test_aligned_maps_on_the_token_grid_keep_shape_and_params_and_move_the_map(variant):
-  c = tiny_config(variant)
-  frames, audio = inputs(c)
-  variables, apply = init_and_apply(c, frames, audio)
-  plain = apply(variables, frames, audio)['heatmap']
-  c.model.aligned_maps = True
-  aligned = jax.jit(functools.partial(build_model(c).apply, train=False))(
-      variables, frames, audio)['heatmap']
-  assert aligned.shape == plain.shape == (2, 6, 4, 4)
-  assert float(jnp.abs(aligned - plain).max()) > 1e-3
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('stem,strides,size', [
     ('imagenet', (1, 2), 128), ('small', (2, 2), 32), ('imagenet', (1, 2, 2), 128)])
 def test_resnet_token_i_is_centred_on_pixel_stride_times_i(stem, strides, size):
-  """The premise of tokens_onto_cells, by a second route: the pixels a token
-  reads (where its gradient is nonzero; BatchNorm at eval keeps it local)
-  form a window centred on pixel S i, for every torchvision-padded stack."""
+  """Torchvision padding (odd kernels, pad k//2): the pixels token i reads
+  (where its gradient is nonzero; BatchNorm at eval keeps it local) form a
+  window centred on pixel S i, not on its cell's centre, for every stack."""
   model = ResNet(stage_sizes=(1,) * len(strides), width=4, stem=stem,
                  stage_strides=strides, norm='batch')
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 1, size, size, 3))
@@ -335,6 +269,7 @@ def test_resnet_token_i_is_centred_on_pixel_stride_times_i(stem, strides, size):
   assert (cols.min() + cols.max()) / 2 == stride * i
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl,layers', [('xla', 1), ('blockwise', 2)])
 def test_window_limits_mixing_to_k_frames_per_layer(impl, layers):
   c = tiny_config(temporal_window=1, num_layers=layers, attention_impl=impl,
@@ -368,6 +303,7 @@ def test_leak_guard_swapping_audio_moves_the_map(cross_modal):
   assert np.abs(swapped['heatmap'] - out['heatmap']).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_global_audio_is_one_token_tiled_over_time():
   c = tiny_config(per_frame_audio=False, temporal_attention=False)
   frames, audio = inputs(c)
@@ -381,6 +317,7 @@ def test_global_audio_is_one_token_tiled_over_time():
 # --- determinism, eval mode, BatchNorm -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jit_and_eval_mode_are_deterministic_batchnorm_batch_independent():
   c = tiny_config()
   c.model.visual.norm = c.model.audio.norm = 'batch'
@@ -423,6 +360,7 @@ def test_audio_centering_batch_mean_in_training_running_mean_at_eval():
     module.apply(updates, jnp.zeros((1, 4, 5)), train=False)
 
 
+@pytest.mark.slow
 def test_shifted_audio_is_the_model_run_on_rolled_audio():
   """Out-of-sync negatives: a shift of 0 gives the in-sync audio tokens, and
   a shift of k gives what the model makes of the spectrogram rolled by k
@@ -476,6 +414,7 @@ def test_image_level_baseline_refuses_motion_features():
     build_model(tiny_config(fine_motion=True))
 
 
+@pytest.mark.slow
 def test_fine_motion_adds_the_patch_features_change_since_the_previous_frame():
   """With fine_motion the local projection reads [f, f - f_prev, |...|] of the
   patch features; without temporal attention or token motion, a change to
@@ -492,6 +431,7 @@ def test_fine_motion_adds_the_patch_features_change_since_the_previous_frame():
     np.testing.assert_array_equal(np.delete(change, reached), 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['tavlo', 'ezvsl'])
 def test_audio_shared_by_every_clip_makes_no_map_in_training(name):
   """The sign safeguard: what every clip's audio has in common is removed, so
@@ -589,6 +529,7 @@ def test_blockwise_training_memory_is_linear_in_length():
   assert large / small <= 2.2, (small, large)
 
 
+@pytest.mark.slow
 def test_blockwise_model_matches_xla_model():
   c = tiny_config(attention_impl='xla', num_layers=2)
   frames, audio = inputs(c)
@@ -600,18 +541,6 @@ def test_blockwise_model_matches_xla_model():
   a = apply(variables, frames, audio)
   b = block_apply(variables, frames, audio)
   np.testing.assert_allclose(a['heatmap'], b['heatmap'], atol=1e-5)
-
-
-def test_ring_impl_without_its_module_raises_not_implemented(monkeypatch):
-  # A None entry in sys.modules makes the import fail, as if the file were absent.
-  monkeypatch.setitem(sys.modules, 'tavlo_jax.models.ring_attention', None)
-  # Once another test imported it, `from package import module` finds the
-  # package attribute; hide that too so the test does not depend on order.
-  import tavlo_jax.models  # pylint: disable=g-import-not-at-top
-  monkeypatch.delattr(tavlo_jax.models, 'ring_attention', raising=False)
-  q = jnp.zeros((1, 4, 2, 1, 2))
-  with pytest.raises(NotImplementedError, match='ring_attention'):
-    attention.ring_attention(q, q, q, window=1)
 
 
 def test_upsample_heatmap():
@@ -752,6 +681,7 @@ def _resnet18():
   return ResNet()   # defaults are torchvision's resnet18
 
 
+@pytest.mark.slow
 def test_converter_round_trip_and_stem_layout_against_numpy():
   net = _resnet18()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, 32, 32, 3)),

@@ -88,7 +88,7 @@ def test_parameter_count_is_the_published_models():
                + _resnet18_params(1) + 512 * dim + dim)
   assert _resnet18_params(1) == 11_170_240
   model = models.build_model(config)
-  frames, audio = train.dummy_inputs(config, 2)
+  frames, audio = models.dummy_inputs(config, 2)
   shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
       jax.random.key(0), frames, audio, train=False)))
   audio_net = shapes['params']['audio_encoder']
@@ -99,7 +99,7 @@ def test_parameter_count_is_the_published_models():
 
 def test_shapes_one_frame_and_a_257x200_spectrogram():
   config = _published_config()
-  frames, audio = train.dummy_inputs(config, 2)
+  frames, audio = models.dummy_inputs(config, 2)
   assert frames.shape == (2, 1, 224, 224, 3) and audio.shape == (2, 200, 257)
   model = models.build_model(config)
   out = jax.eval_shape(lambda: model.init_with_output(

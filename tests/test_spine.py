@@ -61,6 +61,7 @@ def test_wrong_type_override_is_one_clear_line(tmp_path):
   assert 'expected an int' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_fields_that_do_not_fit_together_are_one_clear_line(tmp_path):
   r = _main('--config=configs/avatar_synth.py:runlocal+ezvsl',
             f'--workdir={tmp_path}', '--config.loss.shifted_audio_negatives=1')

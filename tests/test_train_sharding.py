@@ -55,6 +55,7 @@ def _reference():
   return _one_step(_config(data=1, fsdp=1, seq=1), jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh,impl', [
     (dict(data=8, fsdp=1, seq=1), 'xla'),
     (dict(data=2, fsdp=4, seq=1), 'xla'),
@@ -70,6 +71,7 @@ def test_sharded_step_matches_single_device(mesh, impl):
                params, ref_params)
 
 
+@pytest.mark.slow
 def test_out_of_sync_negatives_step_sharded_matches_single_device():
   """The shifted-audio path (random rolls along time) under a time-sharded
   ring-attention mesh gives the single-device loss and reports sync_accuracy."""
@@ -88,6 +90,7 @@ def test_out_of_sync_negatives_step_sharded_matches_single_device():
                params, ref_params)
 
 
+@pytest.mark.slow
 def test_sharding_report_counts_replicated_bytes():
   config = _config(data=2, fsdp=4, seq=1)
   mesh = sharding.make_mesh(config.mesh)
@@ -110,6 +113,7 @@ def test_mesh_errors_are_clear():
     sharding.make_mesh(dict(data=4, fsdp=4, seq=1))
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   config = _config(data=8, fsdp=1, seq=1)
   mesh_a = sharding.make_mesh(config.mesh)
@@ -134,6 +138,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   del other
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint_falls_back_to_previous(tmp_path):
   config = _config(data=8, fsdp=1, seq=1)
   mesh = sharding.make_mesh(config.mesh)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.signal
@@ -253,6 +252,18 @@ def log_features_jnp(waveform, audio_config, num_columns=None):
   section = audio_config.input.audio if 'input' in audio_config else audio_config
   fn = log_stft_jnp if feature_kind(section) == 'log_stft' else log_mel_jnp
   return fn(waveform, audio_config, num_columns)
+def apply_spec_masks(logmel, time_mask, freq_mask, xp=np):
+  """SpecAugment: replaces masked columns/bins by the example's mean log-mel.
+
+  The masks are sampled on the host (augment.sample_spec_masks).
+
+  logmel [..., cols, mels], time_mask [..., cols], freq_mask [..., mels].
+  The mean, not zero: zero would be a loud value on a log scale whose
+  silence is log(log_offset).
+  """
+  mean = xp.mean(logmel, axis=(-2, -1), keepdims=True)
+  masked = time_mask[..., :, None] | freq_mask[..., None, :]
+  return xp.where(masked, mean, logmel)
 
 
 def audio_features(batch: Mapping[str, Any], config) -> Any:
@@ -271,30 +282,7 @@ def audio_features(batch: Mapping[str, Any], config) -> Any:
     raise KeyError("batch has neither 'audio' nor 'waveform'")
   logmel = log_features_jnp(batch['waveform'], config)
   if 'spec_time_mask' in batch:
-    from tavlo_jax.data import augment  # pylint: disable=g-import-not-at-top
-    logmel = augment.apply_spec_masks(
+    logmel = apply_spec_masks(
         logmel, batch['spec_time_mask'], batch['spec_freq_mask'], xp=jnp)
   return logmel
 
-
-def sounding_frames(logmel, num_frames: int, min_db: float):
-  """bool [B, T]: frames whose audio is at least `min_db` dB above the clip's
-  quietest frame (its noise floor), from the log-mel [B, T*C, M] alone.
-
-  Why: a frame with no sound in it holds nothing to localise, yet the
-  contrastive loss would still ask its noise-only audio token to pick out
-  its own frame among the batch's. Evaluation only scores frames in which
-  something sounds; `config.loss.sounding_frames_db` makes training look at
-  the same frames. Self-supervised: it reads the input audio, no label. On
-  a clip that sounds throughout, the quietest frames are dropped too (less
-  signal, never a wrong one).
-  """
-  b, cols, m = logmel.shape
-  if cols % num_frames:
-    raise ValueError(f'{cols} spectrogram columns do not split into '
-                     f'{num_frames} frames')
-  per_frame = logmel.reshape(b, num_frames, (cols // num_frames) * m)
-  # Frame energy in dB: log of the summed mel power (log-sum-exp of log-mel).
-  energy_db = (10.0 / np.log(10.0)) * jax.nn.logsumexp(per_frame, axis=-1)
-  floor = energy_db.min(axis=1, keepdims=True)
-  return energy_db >= floor + min_db

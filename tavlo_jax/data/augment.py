@@ -115,14 +115,3 @@ def sample_spec_masks(rng: np.random.Generator, num_columns: int,
   return (bands(num_columns, aug.spec_time_masks, aug.spec_time_mask_width),
           bands(num_mels, aug.spec_freq_masks, aug.spec_freq_mask_width))
 
-
-def apply_spec_masks(logmel, time_mask, freq_mask, xp=np):
-  """Replaces masked columns/bins by the example's mean log-mel.
-
-  logmel [..., cols, mels], time_mask [..., cols], freq_mask [..., mels].
-  The mean, not zero: zero would be a loud value on a log scale whose
-  silence is log(log_offset).
-  """
-  mean = xp.mean(logmel, axis=(-2, -1), keepdims=True)
-  masked = time_mask[..., :, None] | freq_mask[..., None, :]
-  return xp.where(masked, mean, logmel)

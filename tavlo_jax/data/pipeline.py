@@ -81,7 +81,7 @@ def _audio_outputs(waveform: np.ndarray, config, spec_rng=None) -> dict:
   if a.features_on == 'host':
     logmel = audio_lib.log_features_np(waveform, a, num_columns)
     if masks is not None:
-      logmel = augment_lib.apply_spec_masks(logmel, *masks)
+      logmel = audio_lib.apply_spec_masks(logmel, *masks)
     return {'audio': logmel}
   if a.features_on == 'device':
     out = {'waveform': waveform.astype(np.float32)}
@@ -326,8 +326,7 @@ def make_eval_batches(config, data_source, *, process_index=None,
   fps, sr = sampling.record_audio_params(data_source[0], config)
   example = _EvalExample(
       data_source, config, mask_shape=mask_shape_of(data_source, config),
-      max_instances=int(config.input.get('max_instances',
-                                         sampling.DEFAULT_MAX_INSTANCES)),
+      max_instances=int(config.input.max_instances),
       samples_per_frame=audio_lib.samples_per_frame(
           sr, fps, config.input.frame_stride))
   ds = grain.MapDataset.source(mine).map(example).batch(batch)
@@ -342,7 +341,8 @@ def make_global_batch(host_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
   """Host-local numpy batch -> global jax.Arrays, batch dim over data axes.
 
   Process p's rows become rows [p*B, (p+1)*B) of the global batch (B = host
-  batch). Axes in `data_axes` missing from the mesh are ignored.
+  batch). Axes in `data_axes` missing from the mesh are ignored. Any pytree
+  of host arrays; an array that is already global is passed through.
   """
   axes = tuple(a for a in data_axes if a in mesh.axis_names)
   if not axes:
@@ -350,5 +350,9 @@ def make_global_batch(host_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
                      f'axes {tuple(data_axes)}')
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
   def to_global(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-  return jax.tree.map(to_global, dict(host_batch))
+  if isinstance(host_batch, Mapping):
+    host_batch = dict(host_batch)
+  return jax.tree.map(to_global, host_batch)

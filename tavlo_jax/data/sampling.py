@@ -35,9 +35,6 @@ from tavlo_datasets import clip_storage
 from tavlo_datasets import schema
 from tavlo_jax.data import audio as audio_lib
 
-# Boxes kept per frame in eval batches (`gt_boxes` [B, T, I, 4]).
-DEFAULT_MAX_INSTANCES = 4
-
 
 AUDIO_BLOCKS = ('centred', 'trailing')
 

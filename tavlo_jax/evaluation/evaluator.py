@@ -38,10 +38,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from tavlo_datasets.schema import SCENARIOS
+from tavlo_jax.data import pipeline
 from tavlo_jax.evaluation import aggregates, metrics, records as records_lib
 
 POOL_FRAMES = ('single', 'mixed', 'multi', 'offscreen', 'cross_event', 'all')
-SCENARIO_COLUMNS = ('single', 'mixed', 'multi', 'offscreen')   # schema.SCENARIOS
 PROTOCOLS = ('avatar', 'classic')
 SIGN_MARGIN_PCT = 10.0
 
@@ -97,7 +98,7 @@ class Evaluator:
       if entry.frames not in POOL_FRAMES:
         raise ValueError(f'config.evals.{name}.frames={entry.frames!r}: '
                          f'expected one of {POOL_FRAMES}')
-      self.pools[name] = {'frames': entry.frames, 'prefix': entry.get('prefix', f'{name}/')}
+      self.pools[name] = {'frames': entry.frames, 'prefix': entry.prefix}
     # Table order: the scenarios as AVATAR lists them, then cross-event, then all.
     self.pools = dict(sorted(self.pools.items(),
                              key=lambda kv: (POOL_FRAMES.index(kv[1]['frames']), kv[0])))
@@ -123,7 +124,8 @@ class Evaluator:
                        f'batch, got shape {np.shape(heatmap)}')
     if self.mesh is not None and jax.process_count() > 1:
       # Host-local rows -> one global batch (no-op for arrays already global).
-      fields, heatmap = records_lib.to_global((fields, heatmap), self.mesh, self.batch_axes)
+      fields, heatmap = pipeline.make_global_batch((fields, heatmap), self.mesh,
+                                                   self.batch_axes)
     mask_size = tuple(np.shape(fields['gt_mask'])[-2:])
     size = self.annotation_size if all(self.annotation_size) else mask_size
     self._grid = tuple(np.shape(heatmap)[-2:])
@@ -173,7 +175,7 @@ def pool_mask(table, frames: str) -> np.ndarray:
     return np.ones(len(table['clip_index']), bool)
   if frames == 'cross_event':
     return table['cross_event'].astype(bool)
-  return table['tags'][:, SCENARIO_COLUMNS.index(frames)]
+  return table['tags'][:, SCENARIOS.index(frames)]
 
 
 def peak_window(table, window: tuple[int, float]) -> np.ndarray:

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
 from tavlo_jax.evaluation import metrics
 
@@ -149,12 +148,6 @@ def batch_records(heatmap, batch, *, thresholds, interpolation, size, with_oracl
                      else jnp.full_like(out['frame_index'], -1, jnp.int32))
   out['keep'] = frame(batch['valid'].astype(bool)[:, None] & batch['ann_valid'].astype(bool))
   return out
-
-
-def to_global(tree, mesh, batch_axes=('data', 'fsdp')):
-  """Host-local numpy (this process's rows) -> global arrays split over batch_axes."""
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  return multihost_utils.host_local_array_to_global_array(tree, mesh, P(axes))
 
 
 def gather(records: dict) -> dict:

@@ -18,9 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from tavlo_datasets.schema import SCENARIOS
 from tavlo_jax.evaluation import published, records as records_lib
-
-SCENARIO_TAGS = ('single', 'mixed', 'multi', 'offscreen')   # schema.SCENARIOS
 
 
 def _clean(x):
@@ -133,7 +132,7 @@ def write_frames_csv(path: str, table: dict, frame_name: Callable | None = None,
                 *[n.replace('ciou', 'pia') for n in k_names], *scalar])
     for i in range(len(table['clip_index'])):
       c, fr = int(table['clip_index'][i]), int(table['frame_index'][i])
-      tags = '+'.join(t for t, on in zip(SCENARIO_TAGS, table['tags'][i]) if on)
+      tags = '+'.join(t for t, on in zip(SCENARIOS, table['tags'][i]) if on)
       w.writerow([frame_name(c, fr), c, fr, tags,
                   *[f'{v:.6g}' for v in table['ciou'][i]],
                   *[f'{v:.6g}' for v in table['pia'][i]],

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from tavlo_jax.data import pipeline
 from tavlo_jax.evaluation import evaluator as evaluator_lib
 from tavlo_jax.evaluation import report, visualize
 
@@ -59,7 +60,7 @@ def predict_split(config, state, predict_fn, data, mesh, split: str,
   kept = []
   t0 = time.perf_counter()
   for i, host_batch in enumerate(batches):
-    batch = input_data.to_global(host_batch, mesh)
+    batch = pipeline.make_global_batch(host_batch, mesh)
     heatmap = predict_fn(state, batch)
     ev.add(batch, heatmap)
     if i < keep_batches:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.models.attention import IMPLEMENTATIONS
 from tavlo_jax.models.audio_encoder import AudioEncoder, ResNetAudioEncoder
 from tavlo_jax.models.resnet import ResNet, total_stride
@@ -56,17 +58,17 @@ def _check(config: ml_collections.ConfigDict) -> None:
         f'embed_dim + temporal_pos_dim = {m.embed_dim + m.temporal_pos_dim} '
         f'must be divisible by config.model.num_heads={m.num_heads}')
   for field in ('motion_features', 'fine_motion'):
-    if m.name == 'ezvsl' and m.get(field, False):
+    if m.name == 'ezvsl' and m[field]:
       raise ValueError(f'config.model.{field}=True: the image-level '
                        'EZ-VSL model sees each frame alone; set it to False')
-  if m.audio.get('arch', 'tokens') == 'resnet18' and m.name != 'ezvsl':
+  if m.audio.arch == 'resnet18' and m.name != 'ezvsl':
     raise ValueError('config.model.audio.arch=resnet18 gives one embedding per '
                      'clip: it needs the image-level model (config.model.name='
                      f'ezvsl), not {m.name!r}')
-  if m.get('fine_motion', False) and not m.fine_stride:
+  if m.fine_motion and not m.fine_stride:
     raise ValueError('config.model.fine_motion=True needs fine maps '
                      '(config.model.fine_stride > 0)')
-  if config.loss.get('shifted_audio_negatives', 0) and (
+  if config.loss.shifted_audio_negatives and (
       m.name != 'tavlo' or not m.per_frame_audio or m.cross_modal_attention):
     raise ValueError(
         'config.loss.shifted_audio_negatives needs per-frame audio that never '
@@ -119,23 +121,47 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   audio = _audio_encoder(m, dtype)
   if m.name == 'ezvsl':
     return EZVSL(visual, audio, embed_dim=m.embed_dim, dtype=dtype,
-                 center_audio=m.center_audio, fine_stride=m.fine_stride,
-                 aligned_maps=m.aligned_maps)
+                 center_audio=m.center_audio, fine_stride=m.fine_stride)
   if m.name != 'tavlo':
     raise ValueError(f'config.model.name={m.name!r}; expected tavlo|ezvsl')
   return TAVLO(
       visual, audio, num_frames=config.input.num_frames,
       embed_dim=m.embed_dim, temporal_pos_dim=m.temporal_pos_dim,
-      pos_encoding=m.pos_encoding, num_layers=m.num_layers,
+      num_layers=m.num_layers,
       num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
       temporal_attention=m.temporal_attention,
       temporal_window=m.temporal_window, per_frame_audio=m.per_frame_audio,
       cross_modal_attention=m.cross_modal_attention,
       attention_impl=m.attention_impl, attention_block=m.attention_block,
-      dtype=dtype, spatial_attention=m.spatial_attention,
+      dtype=dtype,
       center_audio=m.center_audio, motion_features=m.motion_features,
-      fine_stride=m.fine_stride, aligned_maps=m.aligned_maps,
+      fine_stride=m.fine_stride,
       fine_motion=m.fine_motion)
 
 
-__all__ = ['build_model', 'TAVLO', 'EZVSL', 'upsample_heatmap']
+
+def input_spec(config: ml_collections.ConfigDict, batch_size: int):
+  """The model's inputs as ShapeDtypeStructs: frames uint8 [B, T, S, S, 3]
+  and the spectrogram f32 [B, T * columns_per_frame, F] (F: n_mels, or the
+  linear bins of `input.audio.features='log_stft'`)."""
+  t, s = config.input.num_frames, config.input.image_size
+  a = config.input.audio
+  return (jax.ShapeDtypeStruct((batch_size, t, s, s, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((batch_size, t * a.columns_per_frame,
+                                audio_lib.feature_bins(a)), jnp.float32))
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int):
+  """Zeros of `input_spec`, e.g. for `init`."""
+  return tuple(jnp.zeros(x.shape, x.dtype) for x in input_spec(config, batch_size))
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> dict:
+  """The model's variables as ShapeDtypeStructs (unboxed); allocates nothing."""
+  model = build_model(config)
+  return jax.eval_shape(lambda: nn.meta.unbox(
+      model.init(jax.random.key(0), *dummy_inputs(config, 1), train=False)))
+
+
+__all__ = ['build_model', 'input_spec', 'dummy_inputs', 'abstract_variables',
+           'TAVLO', 'EZVSL', 'upsample_heatmap']

@@ -17,13 +17,13 @@ devices without ever gathering the whole clip on one:
   columns and runs blockwise attention over it; a second `all_to_all` swaps
   back. Memory per device is O(T * block / n) too; it needs N*H >= n.
 
-The per-block maths is the flash kernel of `attention.py` (the one behind
-`attention.blockwise_attention`), so training memory is linear in T/n as well:
+The per-block maths is the flash kernel of `kernels.py` (the one behind
+`kernels.blockwise_attention`), so training memory is linear in T/n as well:
 - 'ring' has its own `jax.custom_vjp` around the two shard_maps: the forward
   saves only the local q, k, v, output and log-sum-exp; the backward sends
   the key/value blocks round the ring once more, each with its dK/dV
   accumulator, and one last shift takes every accumulator home.
-- 'all_to_all' calls `attention.blockwise_attention` (custom VJP) between
+- 'all_to_all' calls `kernels.blockwise_attention` (custom VJP) between
   the two swaps; autodiff transposes each `all_to_all` into the reverse swap.
 """
 
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from tavlo_jax.models import attention
+from tavlo_jax.models import kernels
 
 IMPLS = ('ring', 'all_to_all')
 
@@ -77,7 +77,7 @@ def dense_temporal_attention(q, k, v, window: int = -1):
 
 
 # ---- sharded implementations (bodies run per device inside shard_map) --------
-# The per-block maths is the flash kernel of attention.py (flash_fold /
+# The per-block maths is the flash kernel of kernels.py (flash_fold /
 # flash_backward), on [b, T, N*H, Dh] columns: each (token, head) is a 'head'.
 
 
@@ -102,7 +102,7 @@ def _ring_fwd_body(q, k, v, *, seq_axis, window, block_size):
   ring = [(i, (i + 1) % n) for i in range(n)]
 
   def fold(stats, k_blk, v_blk, s):
-    return attention.flash_fold(
+    return kernels.flash_fold(
         stats, q_c, k_blk, v_blk, q_pos=q_pos,
         k_pos=_ring_positions(me, n, t, s), window=window, block_size=block_size)
 
@@ -115,8 +115,8 @@ def _ring_fwd_body(q, k, v, *, seq_axis, window, block_size):
 
   # n-1 steps that also pass blocks on, then the last block without a send.
   stats, k_blk, v_blk = jax.lax.fori_loop(
-      0, n - 1, body, (attention.flash_init(q_c), _as_columns(k), _as_columns(v)))
-  out, lse = attention.flash_finish(fold(stats, k_blk, v_blk, n - 1))
+      0, n - 1, body, (kernels.flash_init(q_c), _as_columns(k), _as_columns(v)))
+  out, lse = kernels.flash_finish(fold(stats, k_blk, v_blk, n - 1))
   return out.reshape(q.shape).astype(q.dtype), lse
 
 
@@ -133,13 +133,13 @@ def _ring_bwd_body(q, k, v, out, lse, do, *, seq_axis, window, block_size):
   me = jax.lax.axis_index(seq_axis)
   t = q.shape[1]
   q_c, do_c = _as_columns(q), _as_columns(do)
-  delta = attention.flash_delta(do_c, _as_columns(out))
+  delta = kernels.flash_delta(do_c, _as_columns(out))
   q_pos = me * t + jnp.arange(t)
   ring = [(i, (i + 1) % n) for i in range(n)]
   shift = lambda x: jax.lax.ppermute(x, seq_axis, ring)
 
   def grads(dq, k_blk, v_blk, dk_acc, dv_acc, s):
-    return attention.flash_backward(
+    return kernels.flash_backward(
         (dq, dk_acc, dv_acc), q_c, k_blk, v_blk, do_c, lse, delta, q_pos=q_pos,
         k_pos=_ring_positions(me, n, t, s), window=window, block_size=block_size)
 
@@ -203,7 +203,7 @@ def _all_to_all_body(q, k, v, *, seq_axis, window, block_size):
                               concat_axis=1, tiled=True)
   # Local flash attention over the whole clip (its own custom VJP; autodiff
   # transposes the all_to_alls): scores stay [T, block_size], not [T, T].
-  out = attention.blockwise_attention(to_cols(q), to_cols(k), to_cols(v),
+  out = kernels.blockwise_attention(to_cols(q), to_cols(k), to_cols(v),
                                       window=window, block_size=block_size)
   out = jax.lax.all_to_all(out, seq_axis, split_axis=1, concat_axis=2, tiled=True)
   return out.reshape(b, t, n_tok, h, d)

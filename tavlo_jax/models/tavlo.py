@@ -61,24 +61,6 @@ def cosine_heatmap(visual, audio):
   return jnp.clip(jnp.einsum('bthwd,btd->bthw', visual, audio), -1.0, 1.0)
 
 
-def sinusoid_1d(length: int, dim: int) -> np.ndarray:
-  if dim % 2:
-    raise ValueError(f'sinusoidal encoding needs an even width; got {dim}')
-  pos = np.arange(length)[:, None]
-  freq = 1.0 / (10000.0 ** (np.arange(0, dim, 2) / dim))
-  return np.concatenate([np.sin(pos * freq), np.cos(pos * freq)], axis=1)
-
-
-def sinusoid_2d(h: int, w: int, dim: int) -> np.ndarray:
-  """[h*w, dim]: half the channels code the row, half the column."""
-  if dim % 4:
-    raise ValueError('sinusoidal 2-D encoding needs config.model.embed_dim '
-                     f'divisible by 4; got {dim}')
-  rows = np.repeat(sinusoid_1d(h, dim // 2), w, axis=0)
-  cols = np.tile(sinusoid_1d(w, dim // 2), (h, 1))
-  return np.concatenate([rows, cols], axis=1)
-
-
 def _dense(features, name, axes, dtype):
   return nn.Dense(
       features, dtype=dtype, name=name,
@@ -121,7 +103,6 @@ class ASTBlock(nn.Module):
   attention_impl: str
   attention_block: int
   dtype: jnp.dtype
-  spatial_attention: bool = True  # False: tokens never mix across positions
 
   @nn.compact
   def __call__(self, x):
@@ -133,9 +114,8 @@ class ASTBlock(nn.Module):
     if not self.cross_modal_attention:
       segments = jnp.arange(num_tokens) > 0     # audio: 0, visual: 1
       segments = segments.astype(jnp.int32)
-    if self.spatial_attention:
-      y = _layer_norm('spatial_norm', self.dtype)(x)
-      x = x + mha('space', 'spatial_attention')(y, segment_ids=segments)
+    y = _layer_norm('spatial_norm', self.dtype)(x)
+    x = x + mha('space', 'spatial_attention')(y, segment_ids=segments)
     if self.temporal_attention:
       window = window_or_none(self.temporal_window, x.shape[1])
       y = _layer_norm('temporal_norm', self.dtype)(x)
@@ -152,7 +132,6 @@ class TAVLO(nn.Module):
   num_frames: int                  # T of the config: size of learned codes
   embed_dim: int = 64              # Df
   temporal_pos_dim: int = 16       # Dt
-  pos_encoding: str = 'learned'
   num_layers: int = 1
   num_heads: int = 4
   mlp_ratio: int = 2
@@ -163,20 +142,13 @@ class TAVLO(nn.Module):
   attention_impl: str = 'xla'
   attention_block: int = 128
   dtype: jnp.dtype = jnp.float32
-  spatial_attention: bool = True
   center_audio: bool = True
   motion_features: bool = False
   fine_stride: int = 0             # 0: map on the token grid; else LocalFeatures' stride
-  aligned_maps: bool = False       # tokens at their receptive-field centres (tokens_onto_cells)
   fine_motion: bool = False        # the fine features' change since the previous frame too
 
-  def _codes(self, name, length, dim, sinusoid):
-    """A learned [length, dim] table, or the fixed `sinusoid()` table."""
-    if self.pos_encoding == 'sinusoidal':
-      return jnp.asarray(sinusoid(), self.dtype)
-    if self.pos_encoding != 'learned':
-      raise ValueError(f'config.model.pos_encoding={self.pos_encoding!r}; '
-                       'expected learned|sinusoidal')
+  def _codes(self, name, length, dim):
+    """A learned [length, dim] position table."""
     table = self.param(
         name, nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                            (None, 'embed')), (length, dim))
@@ -197,20 +169,18 @@ class TAVLO(nn.Module):
       feats = with_motion(feats)                              # [B,T,h,w,3C]
     visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
                     self.dtype)(feats).reshape(b, t, h * w, self.embed_dim)
-    spatial = self._codes('spatial_pos', h * w, self.embed_dim,
-                          lambda: sinusoid_2d(h, w, self.embed_dim))
+    spatial = self._codes('spatial_pos', h * w, self.embed_dim)
     visual = nn.with_logical_constraint(visual + spatial, TOKEN_AXES)
 
     tokens = self.audio_encoder(audio, t, train)              # [B,T,Df]
     if not self.per_frame_audio:
       tokens = jnp.broadcast_to(tokens.mean(1, keepdims=True), tokens.shape)
 
-    if t > self.num_frames and self.pos_encoding == 'learned':
+    if t > self.num_frames:
       raise ValueError(f'clip has {t} frames; the learned temporal code has '
                        f'config.input.num_frames={self.num_frames}')
     temporal = self._codes('temporal_pos', self.num_frames,
-                           self.temporal_pos_dim,
-                           lambda: sinusoid_1d(t, self.temporal_pos_dim))[:t]
+                           self.temporal_pos_dim)[:t]
     x = jnp.concatenate([tokens[:, :, None], visual], axis=2)   # [B,T,1+N,Df]
     with_code = lambda x: nn.with_logical_constraint(jnp.concatenate(
         [x, jnp.broadcast_to(temporal[None, :, None],
@@ -222,7 +192,6 @@ class TAVLO(nn.Module):
     blocks = [ASTBlock(self.num_heads, self.mlp_ratio, self.temporal_attention,
                        self.temporal_window, self.cross_modal_attention,
                        self.attention_impl, self.attention_block, self.dtype,
-                       spatial_attention=self.spatial_attention,
                        name=f'block{i + 1}') for i in range(self.num_layers)]
     final_norm = _layer_norm('final_norm', self.dtype)
     audio_head = _dense(x.shape[-1], 'audio_head', ('embed', None), self.dtype)
@@ -240,7 +209,7 @@ class TAVLO(nn.Module):
         x[:, :, 1:]).reshape(b, t, h, w, width)
     audio_out = centering(audio_raw, train) if self.center_audio else audio_raw
     visual_out = onto_map_grid(visual_out, x_frames, self.fine_stride, train,
-                               self.dtype, self.aligned_maps, self.fine_motion)
+                               self.dtype, self.fine_motion)
     outputs = make_outputs(visual_out, audio_out)
     if audio_shifts is None:
       return outputs
@@ -283,64 +252,29 @@ class LocalFeatures(nn.Module):
                               name='patch_norm')(x))
 
 
-def tokens_onto_cells(tokens, token_stride: int, cell_stride: int, out_hw):
-  """Token grid [..., h, w, D] -> [..., H, W, D] on cells of `cell_stride` px.
-
-  Why: with torchvision's padding (odd kernels, pad k//2) every stride-2
-  layer centres output i on input 2i, so token (i, j) of a stride-S ResNet
-  reads a window centred on pixel (S i, S j) (test:
-  `test_resnet_token_i_is_centred_on_pixel_stride_times_i`), not on the
-  middle of its S x S cell, S i + (S - 1)/2: 3.5 px up-left at S = 8, 15.5
-  at S = 32. Drawn at the cell centres (what a plain resize does), every map
-  sits that far down-right of what its features see. Here each output cell,
-  centred on pixel cell_stride j + (cell_stride - 1)/2, interpolates the
-  tokens linearly at their true centres; beyond the outermost centre the
-  edge token is held (edge padding, so no weight falls outside the grid).
-  Trained from scratch the model learns its own offsets anyway (WORKSPACE.md,
-  Model, session 10), so `config.model.aligned_maps` is off by default.
-  """
-  pad = [(0, 0)] * (tokens.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
-  padded = jnp.pad(tokens, pad, mode='edge')
-  # scale_and_translate: out = in * scale + translation, in continuous
-  # coordinates (pixel k spans [k, k+1)); the pad moves `in` by one token.
-  scale = token_stride / cell_stride
-  translation = -(token_stride - 1) / (2 * cell_stride) - scale
-  spatial = (tokens.ndim - 3, tokens.ndim - 2)
-  shape = tokens.shape[:-3] + tuple(out_hw) + tokens.shape[-1:]
-  return jax.image.scale_and_translate(
-      padded, shape, spatial, jnp.array([scale, scale], jnp.float32),
-      jnp.array([translation, translation], jnp.float32), 'linear',
-      antialias=False).astype(tokens.dtype)
-
-
-def place_tokens(visual, image_size: int, cell_stride: int, aligned: bool):
-  """The token grid [B, T, h, w, D] on the map's grid of `cell_stride` px."""
+def place_tokens(visual, image_size: int, cell_stride: int):
+  """The token grid [B, T, h, w, D] on the map's grid of `cell_stride` px
+  (a bilinear resize: each token drawn at its cell's centre)."""
   h, w = visual.shape[2:4]
   out_hw = (image_size // cell_stride, image_size // cell_stride)
-  if not aligned:   # the plain resize: tokens drawn at their cell centres
-    if out_hw == (h, w):
-      return visual
-    return jax.image.resize(visual, visual.shape[:2] + out_hw + visual.shape[-1:],
-                            'bilinear')
-  return tokens_onto_cells(visual, image_size // h, cell_stride, out_hw)
+  if out_hw == (h, w):
+    return visual
+  return jax.image.resize(visual, visual.shape[:2] + out_hw + visual.shape[-1:],
+                          'bilinear')
 
 
-def onto_map_grid(visual, frames, fine_stride, train, dtype, aligned,
-                  motion=False):
+def onto_map_grid(visual, frames, fine_stride, train, dtype, motion=False):
   """Token-grid embeddings [B, T, h, w, D] -> the map's grid: fine maps
-  (`add_local_features`) when fine_stride > 0, else the token grid itself
-  (moved to the receptive-field centres when `aligned`)."""
+  (`add_local_features`) when fine_stride > 0, else the token grid itself."""
   if fine_stride:
-    return add_local_features(visual, frames, fine_stride, train, dtype,
-                              aligned, motion)
+    return add_local_features(visual, frames, fine_stride, train, dtype, motion)
   size = frames.shape[2]
-  return place_tokens(visual, size, size // visual.shape[2], aligned)
+  return place_tokens(visual, size, size // visual.shape[2])
 
 
-def add_local_features(visual, frames, stride, train, dtype, aligned, motion=False):
+def add_local_features(visual, frames, stride, train, dtype, motion=False):
   """Token-grid embeddings [B, T, h, w, D] -> [B, T, S/stride, S/stride, D]:
-  upsampled (at the tokens' receptive-field centres when `aligned`, see
-  `tokens_onto_cells`), plus a projection of the LocalFeatures of the
+  upsampled, plus a projection of the LocalFeatures of the
   normalised frames [B, T, S, S, 3] (with `motion`, of those features and
   their change since the previous frame, `with_motion`).
 
@@ -356,7 +290,7 @@ def add_local_features(visual, frames, stride, train, dtype, aligned, motion=Fal
   fine = LocalFeatures(LOCAL_WIDTH, stride, dtype, name='local_features')(frames, train)
   if motion:
     fine = with_motion(fine)
-  coarse = place_tokens(visual, frames.shape[2], stride, aligned)
+  coarse = place_tokens(visual, frames.shape[2], stride)
   return coarse + _dense(d, 'local_proj', ('channels', None), dtype)(fine)
 
 
@@ -390,7 +324,6 @@ class EZVSL(nn.Module):
   dtype: jnp.dtype = jnp.float32
   center_audio: bool = True
   fine_stride: int = 0             # as TAVLO's: the same map resolution for both
-  aligned_maps: bool = False       # as TAVLO's
 
   @nn.compact
   def __call__(self, frames, audio, train: bool = False):
@@ -400,7 +333,7 @@ class EZVSL(nn.Module):
     visual = _dense(self.embed_dim, 'visual_proj', ('channels', 'embed'),
                     self.dtype)(feats)
     visual = onto_map_grid(visual, x_frames, self.fine_stride, train,
-                           self.dtype, self.aligned_maps)
+                           self.dtype)
     clip_audio = self.audio_encoder(audio, t, train).mean(1)
     clip_audio = _dense(self.embed_dim, 'audio_proj', ('embed', None),
                         self.dtype)(clip_audio)
