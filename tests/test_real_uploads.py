@@ -199,11 +199,11 @@ def test_builder_keeps_what_it_can_read_and_counts_the_rest(tmp_path):
 
 
 def test_localize_reads_the_same_span_and_refuses_the_same_files(tmp_path):
-  from tavlo_jax import localize   # pylint: disable=g-import-not-at-top
+  from tavlo_jax import video_maps   # pylint: disable=g-import-not-at-top
   long_audio = write(tmp_path / 'long.mp4', frame_times=regular(10), audio_seconds=3.0)
   info = media.video_info(long_audio)
-  wave = localize._read_waveform(str(long_audio), info, RATE, 'error')  # pylint: disable=protected-access
+  wave = video_maps._read_waveform(str(long_audio), info, RATE, 'error')  # pylint: disable=protected-access
   np.testing.assert_array_equal(wave, read(long_audio)['waveform'])
   short = write(tmp_path / 'short.mp4', frame_times=regular(20), audio_seconds=0.5)
   with pytest.raises(BadExample, match='short.mp4: short_audio: '):
-    localize._read_waveform(str(short), media.video_info(short), RATE, 'error')  # pylint: disable=protected-access
+    video_maps._read_waveform(str(short), media.video_info(short), RATE, 'error')  # pylint: disable=protected-access
