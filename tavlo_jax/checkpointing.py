@@ -23,7 +23,9 @@ any array is read.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 import grain
 import jax
@@ -62,6 +64,7 @@ class Checkpointer:
     )
 
   def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    _ensure_space(self.directory, state, step)
     args = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -196,6 +199,24 @@ def set_aside(directory: str, step: int, why: str) -> str:
   logging.warning('Checkpoint step %d in %s %s: moved it aside to %s (kept, not '
                   'deleted).', step, directory, why, os.path.basename(target))
   return target
+
+
+def _ensure_space(directory: str, state, step: int) -> None:
+  """Raises OSError(ENOSPC) before a save that cannot fit on the disk.
+
+  Orbax would find out half-way, in background threads, each logging its
+  own traceback; the step would never be committed (so never trusted), but
+  the user would read pages instead of one line. Needed: the whole state
+  (every process writes its shards to the same file system) plus a margin
+  for metadata and the iterator state.
+  """
+  need = sum(int(getattr(x, 'nbytes', 0)) for x in jax.tree.leaves(state))
+  need = int(need * 1.1) + (1 << 20)
+  free = shutil.disk_usage(directory if os.path.isdir(directory)
+                           else os.path.dirname(directory)).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f'checkpoint step {step} needs about {need / 2**20:.1f} MB, '
+                  f'{free / 2**20:.1f} MB free', directory)
 
 
 def _shapes(tree) -> dict[str, tuple]:

@@ -415,9 +415,8 @@ def validate(config) -> None:
   """Raises ConfigError (one line) for the first field the run cannot use."""
   for field, value in leaf_fields(config):
     rule = rule_for(field)
-    if rule is None:
-      raise ConfigError(f'config.{field}: no validation rule for this field '
-                        '(add one to tavlo_jax/config_validation.py RULES)')
+    if rule is None:   # tests/test_config_validation.py fails until it has one
+      continue
     problem = rule.problem(value)
     if problem:
       raise ConfigError(f'config.{field}={_show(value)}: {problem}')

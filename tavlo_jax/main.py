@@ -3,6 +3,13 @@ r"""Entry point: train and/or evaluate TAVLO.
   python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=/tmp/tavlo
   python -m tavlo_jax.main --config=configs/avatar_synth.py:runlocal --workdir=/tmp/t \
       --config.train.total_steps=10 --mode=train_and_eval
+  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=/tmp/tuned \
+      --init_from=/tmp/tavlo --config.optimizer.learning_rate=1e-4   # branch a run
+
+Exit codes: 0 done (or stopped by SIGTERM after saving); 2 a config field, an
+override or the workdir is wrong (one line, before any data or compile work);
+1 the run cannot go on: a step went non-finite with on_nonfinite=stop, no
+checkpoint restores, or the disk is full (one line, checkpoints left intact).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from tavlo_jax import checkpointing, input_data, losses, sharding
 from tavlo_jax import models
+from tavlo_jax import workdir as workdir_lib
 from tavlo_jax.data import audio as audio_lib
 
 
@@ -296,7 +297,6 @@ def _drop_records_after(path: str, step: int) -> None:
     except (ValueError, KeyError, TypeError):
       pass   # a line cut short by a kill
   if len(kept) != len(lines):
-    from tavlo_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     workdir_lib.write_atomically(path, ''.join(kept))
 
 

@@ -15,6 +15,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 import tempfile
 
 CONFIG_FILE = 'config.json'
@@ -147,12 +148,20 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def disk_error(e: BaseException) -> OSError | None:
-  """The disk-side OSError that caused `e` (also through wrapping), or None."""
+  """The disk-side OSError that caused `e` (also through wrapping), or None.
+
+  TensorStore (Orbax's array writer) reports the OS error inside a
+  ValueError's text: `... [os_error_code='28']`.
+  """
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
       return e
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code and int(code.group(1)) in DISK_ERRNOS:
+      n = int(code.group(1))
+      return OSError(n, os.strerror(n))
     e = e.__cause__ or e.__context__
   return None
 

@@ -145,6 +145,7 @@ def _main(tmp_path, *overrides):
     ('--config.model.visual.stage_sizes=abc', 'config.model.visual.stage_sizes'),
     ('--config.model.name=tavol', "did you mean 'tavlo'?"),
 ])
+@pytest.mark.slow   # a subprocess: python and jax start-up
 def test_cli_rejects_a_bad_value_in_one_line_before_any_work(tmp_path, override, expected):
   r = _main(tmp_path, override)
   assert r.returncode == 2, r.stderr[-2000:]
