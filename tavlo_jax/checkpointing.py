@@ -84,7 +84,7 @@ class Checkpointer:
     """
     unreadable = []   # (step, one-line reason), newest first
     for step in reversed(self.all_steps()):
-      reason = params_mismatch(self.directory, step, abstract_state)
+      reason = state_mismatch(self.directory, step, abstract_state)
       if reason is None:
         args = {'state': ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
@@ -122,35 +122,43 @@ class Checkpointer:
     self.manager.close()
 
 
-_MISMATCH = 'holds a different model'
+_MISMATCH = 'holds '   # how every reason of state_mismatch starts
+_WHAT_DIFFERS = {'params': 'holds a different model',
+                 'batch_stats': 'holds a different model (batch statistics)',
+                 'opt_state': 'holds the state of another optimizer'}
 
 
-def params_mismatch(directory: str, step: int, abstract_state) -> str | None:
-  """Why the step's parameters cannot fill `abstract_state`, or None.
+def state_mismatch(directory: str, step: int, abstract_state,
+                   parts=('params', 'batch_stats', 'opt_state')) -> str | None:
+  """Why the step cannot fill `abstract_state` (its `parts`), or None.
 
   Read from the step's metadata alone: restoring arrays of the wrong shape
-  fails half-way through Orbax's asynchronous reads, whose late callbacks
-  then each print an 'Event loop is closed' traceback.
+  fails half-way through Orbax's asynchronous reads, and those still in
+  flight then complete on a closed event loop, each printing an 'Event loop
+  is closed' traceback (some 1,200 lines for a small model).
   """
   path = os.path.join(directory, str(step), 'state')
   try:
-    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(path))['params']
+    stored = dict(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
   except Exception as e:  # pylint: disable=broad-except
     return f'metadata unreadable: {_one_line(e)}'
-  want = _shapes(abstract_state.params)
-  have = _shapes(stored)
-  if want == have:
-    return None
+  for part in parts:
+    want = _shapes(getattr(abstract_state, part))
+    have = _shapes(stored.get(part) or {})
+    if want != have:
+      return f'{_WHAT_DIFFERS[part]}: {_describe_difference(want, have)}'
+  return None
+
+
+def _describe_difference(want: dict, have: dict) -> str:
   missing = sorted(set(want) - set(have))
   extra = sorted(set(have) - set(want))
   if missing or extra:
     names = (missing or extra)[:3]
-    detail = (f'{"lacks" if missing else "has extra"} parameters {", ".join(names)}'
-              + (' ...' if len(missing or extra) > 3 else ''))
-  else:
-    name = next(k for k in sorted(want) if want[k] != have[k])
-    detail = f'{name} is {have[name]}, this config makes {want[name]}'
-  return f'{_MISMATCH}: {detail}'
+    return (f'{"lacks" if missing else "has extra"} arrays {", ".join(names)}'
+            + (' ...' if len(missing or extra) > 3 else ''))
+  name = next(k for k in sorted(want) if want[k] != have[k])
+  return f'{name} is {have[name]}, this config makes {want[name]}'
 
 
 def init_params_from(directory: str, state, abstract_state):
@@ -164,7 +172,7 @@ def init_params_from(directory: str, state, abstract_state):
     raise CheckpointError(f'--init_from: no complete checkpoint in {directory}')
   step = steps[-1]
   path = os.path.join(directory, str(step), 'state')
-  mismatch = params_mismatch(directory, step, abstract_state)
+  mismatch = state_mismatch(directory, step, abstract_state, parts=('params', 'batch_stats'))
   if mismatch:
     raise CheckpointError(f'--init_from: checkpoint step {step} in {directory} {mismatch}')
   target = {'params': abstract_state.params}
@@ -220,10 +228,14 @@ def _ensure_space(directory: str, state, step: int) -> None:
 
 
 def _shapes(tree) -> dict[str, tuple]:
+  """{'a/b/0': shape}: the same names for a live pytree and Orbax's metadata."""
+  def name(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path):
-          tuple(np.shape(leaf) if not hasattr(leaf, 'shape') else leaf.shape)
-          for path, leaf in flat}
+  return {'/'.join(name(k) for k in path): tuple(np.shape(leaf)) for path, leaf in flat}
 
 
 def _one_line(e: BaseException) -> str:
