@@ -166,8 +166,7 @@ def init_params_from(directory: str, state, abstract_state):
   complete step; its optimiser state and step are left as they are (fresh).
   Reads only: the other run's folder is never changed."""
   directory = os.path.abspath(directory)
-  steps = sorted(int(n) for n in os.listdir(directory)
-                 if n.isdigit() and os.path.exists(os.path.join(directory, n, COMMIT_MARKER)))
+  steps = complete_steps(directory)
   if not steps:
     raise CheckpointError(f'--init_from: no complete checkpoint in {directory}')
   step = steps[-1]
@@ -186,13 +185,25 @@ def init_params_from(directory: str, state, abstract_state):
   return state.replace(**restored)
 
 
+def complete_steps(directory: str) -> list[int]:
+  """Steps Orbax committed (its marker present): the only ones to trust."""
+  return [s for s in _step_folders(directory) if _committed(directory, s)]
+
+
 def incomplete_steps(directory: str) -> list[int]:
   """Step folders (a number as name) without Orbax's commit marker."""
+  return [s for s in _step_folders(directory) if not _committed(directory, s)]
+
+
+def _step_folders(directory: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n))
-                and not os.path.exists(os.path.join(directory, n, COMMIT_MARKER)))
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _committed(directory: str, step: int) -> bool:
+  return os.path.exists(os.path.join(directory, str(step), COMMIT_MARKER))
 
 
 def set_aside(directory: str, step: int, why: str) -> str:
