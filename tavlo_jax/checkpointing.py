@@ -17,8 +17,9 @@ next start) or the renamed folder; never half of one. A step that is complete
 but does not read back (a truncated or missing file) is set aside only when an
 older step restores: if none does, the cause is more likely this program or
 this config than the disk, so nothing is moved and the run stops with one line.
-A checkpoint of a different model (other parameter shapes) is refused before
-any array is read.
+A checkpoint of a different model or optimizer (other array names or shapes
+in its metadata) is refused before any array is read, and a save that cannot
+fit on the disk is refused before Orbax writes anything.
 """
 
 from __future__ import annotations
