@@ -232,15 +232,20 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None) if arg else module.get_config()
 
 
-def flatten_keys(config, prefix: str = '') -> list[str]:
-  keys = []
+def flatten_items(config, prefix: str = '') -> list[tuple[str, object]]:
+  """[(dotted field name, value)] of every leaf field, in config order."""
+  items = []
   for k, v in config.items():
     name = f'{prefix}{k}'
     if isinstance(v, ml_collections.ConfigDict):
-      keys.extend(flatten_keys(v, name + '.'))
+      items.extend(flatten_items(v, name + '.'))
     else:
-      keys.append(name)
-  return keys
+      items.append((name, v))
+  return items
+
+
+def flatten_keys(config, prefix: str = '') -> list[str]:
+  return [name for name, _ in flatten_items(config, prefix)]
 
 
 def check_override_type(config, key: str, value: str) -> None:

@@ -3,6 +3,13 @@ r"""Entry point: train and/or evaluate TAVLO.
   python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=workdirs/tavlo
   python -m tavlo_jax.main --config=configs/avatar_synth.py:runlocal --workdir=workdirs/smoke \
       --config.train.total_steps=10 --mode=train_and_eval
+  python -m tavlo_jax.main --config=configs/avatar_synth.py --workdir=workdirs/tuned \
+      --init_from=workdirs/tavlo --config.optimizer.learning_rate=1e-4   # branch a run
+
+Exit codes: 0 done (or stopped by SIGTERM after saving); 2 a config field, an
+override or the workdir is wrong (one line, before any data or compile work);
+1 the run cannot go on: a step went non-finite with on_nonfinite=stop, no
+checkpoint restores, or the disk is full (one line, checkpoints left intact).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ _COORDINATOR = flags.DEFINE_string(
     'environment (Slurm, TPU pods, JAX_COORDINATOR_ADDRESS) or single process.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: total.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one.')
+_INIT_FROM = flags.DEFINE_string(
+    'init_from', None,
+    'Workdir of another run: start this (new) run from its newest checkpoint\'s '
+    'parameters, with a fresh optimiser at step 0 (fine-tuning or branching). '
+    'Ignored once --workdir holds checkpoints of its own.')
 
 
 def _is_multi_process_env() -> bool:
@@ -58,34 +70,47 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required')
+  from tavlo_jax import config_validation, workdir  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  # Everything the user can get wrong is checked before any data or compile
+  # work: one line each, exit 2.
+  try:
+    config_validation.validate(config)
+    workdir.check_usable(_WORKDIR.value)
+    if _INIT_FROM.value and not workdir.has_checkpoints(_INIT_FROM.value):
+      raise workdir.WorkdirError(f'--init_from={_INIT_FROM.value}: no checkpoint there')
+  except (config_validation.ConfigError, workdir.WorkdirError) as e:
+    _fail(e, 2)
   _init_distributed()
 
   import jax  # pylint: disable=g-import-not-at-top
-  from tavlo_jax import train  # pylint: disable=g-import-not-at-top
+  from tavlo_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
-  _check_model_config(config)
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(_WORKDIR.value, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  train.run(config, _WORKDIR.value, mode=_MODE.value)
-
-
-def _check_model_config(config) -> None:
-  """Fields that fit their types but not each other (e.g. a loss option the
-  model cannot serve): one clear line and exit 2, before any data or compile.
-  `build_model` only builds the module; it allocates nothing."""
-  from tavlo_jax import models  # pylint: disable=g-import-not-at-top
   try:
-    models.build_model(config)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    workdir.claim(_WORKDIR.value, config, write=jax.process_index() == 0)
+    train.run(config, _WORKDIR.value, mode=_MODE.value, init_from=_INIT_FROM.value)
+  except workdir.WorkdirError as e:
+    _fail(e, e.exit_code)
+  except (train.NonFiniteError, checkpointing.CheckpointError) as e:
+    _fail(e, 1)
+  except Exception as e:  # pylint: disable=broad-except
+    disk = workdir.disk_error(e)
+    if disk is None:
+      raise   # a bug: keep the traceback
+    _fail(f'--workdir={_WORKDIR.value}: {workdir.describe_disk_error(disk)}', 1)
+
+
+def _fail(error, code: int):
+  """One line on stderr and exit `code`: the user's error, not a traceback."""
+  logging.flush()
+  print(f'error: {error}', file=sys.stderr, flush=True)
+  # os._exit: an exception unwinding through Orbax's and grain's threads
+  # would otherwise print their shutdown noise after the line.
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _explain_config_override_error(argv) -> str | None:
@@ -126,9 +151,7 @@ def _parse_flags(argv):
     return rest
   except (KeyError, AttributeError, TypeError, ValueError, OSError,
           flags.Error) as e:
-    line = _explain_config_override_error(argv) or f'{type(e).__name__}: {e}'
-    print(f'error: {line}', file=sys.stderr)
-    sys.exit(2)
+    _fail(_explain_config_override_error(argv) or f'{type(e).__name__}: {e}', 2)
 
 
 def run():

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from tavlo_jax import checkpointing, input_data, losses, sharding
 from tavlo_jax import models
+from tavlo_jax import workdir as workdir_lib
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import pipeline
 
@@ -168,15 +169,32 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads)
   if updates:
     new_state = new_state.replace(batch_stats=updates['batch_stats'])
+  # What must stay finite, checked on the NEW state (an overflowing update
+  # can poison the parameters from a finite loss and gradient). One pass
+  # over the state, small beside the step's forward and backward passes.
+  finite_checks = {name: _all_finite(value) for name, value in (
+      ('loss', loss), ('grad_norm', grad_norm), ('params', new_state.params),
+      ('opt_state', new_state.opt_state), ('batch_stats', new_state.batch_stats))}
+  finite = functools.reduce(jnp.logical_and, finite_checks.values())
   # A non-finite step never changes the state: in `stop` mode the host then
-  # stops with the step named; in `skip` mode training simply goes on.
+  # stops with the step named; in `skip` mode training simply goes on. The
+  # step counter still advances: that batch was consumed, and the counter,
+  # the data iterator and the checkpoint's step number must agree.
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, **aux)
+  new_state = new_state.replace(step=state.step + 1)
+  metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite, **aux,
+                 **{f'finite_{k}': v for k, v in finite_checks.items()})
   return new_state, metrics
+
+
+def _all_finite(tree):
+  """True iff every float in `tree` is finite (counters are ints: skipped)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
 def predict_step(state: TrainState, batch, *, config, model):
@@ -216,17 +234,30 @@ def tensorboard_tag(name: str) -> str:
 
 
 class MetricWriter:
-  """Console + TensorBoard (tensorboardX) + JSON lines; process 0 writes."""
+  """Console + TensorBoard (tensorboardX) + JSON lines; process 0 writes.
 
-  def __init__(self, workdir: str, total_steps: int):
+  `resumed_step`: the step training (re)starts from. What an earlier launch
+  logged after it is replayed by this one, so each step is logged once with
+  the value of the run that continues: `metrics.jsonl` drops its records past
+  that step (rewritten whole, then renamed over), and TensorBoard gets a
+  purge marker at the next step, which makes it discard the older events
+  from there on when it reads the log directory.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, resumed_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self.tb = None
     self.jsonl = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resumed_step is not None:
+        _drop_records_after(path, resumed_step)
+      self.tb = SummaryWriter(
+          os.path.join(workdir, 'tensorboard'),
+          purge_step=None if resumed_step is None else resumed_step + 1)
+      self.jsonl = open(path, 'a')
 
   def scalars(self, step: int, values: dict[str, float]):
     if not self.enabled:
@@ -246,6 +277,22 @@ class MetricWriter:
     if self.enabled:
       self.tb.close()
       self.jsonl.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass   # a line cut short by a kill
+  if len(kept) != len(lines):
+    workdir_lib.write_atomically(path, ''.join(kept))
 
 
 class _Preemption:
@@ -275,7 +322,12 @@ class _Preemption:
 # The job
 # ---------------------------------------------------------------------------
 
-def run(config, workdir: str, mode: str = 'train_and_eval'):
+def run(config, workdir: str, mode: str = 'train_and_eval', init_from: str | None = None):
+  """Trains and/or evaluates in `workdir`, resuming from its newest checkpoint.
+
+  `init_from`: another run's workdir; when this one has no checkpoint yet,
+  training starts from that run's newest parameters (fresh optimiser, step 0).
+  """
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh: %s over %d devices', dict(mesh.shape), mesh.size)
   data = input_data.prepare(config, workdir)
@@ -292,12 +344,16 @@ def run(config, workdir: str, mode: str = 'train_and_eval'):
     state = restored
     logging.info('Resumed from step %d (%s)', step, ckpt.directory)
   elif mode == 'eval':
-    raise SystemExit(f'--mode=eval: no checkpoint in {ckpt.directory}')
+    raise checkpointing.CheckpointError(f'--mode=eval: no checkpoint in {ckpt.directory}')
+  elif init_from:
+    state = checkpointing.init_params_from(os.path.join(init_from, 'checkpoints'),
+                                           state, target)
   else:
     state = _initial_weights(config, state)
 
   train_fn, predict_fn = compile_steps(config, model, mesh, state_shardings)
-  writer = MetricWriter(workdir, config.train.total_steps)
+  writer = MetricWriter(workdir, config.train.total_steps,
+                        resumed_step=None if mode == 'eval' else (step or 0))
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       if mode != 'eval':
@@ -347,6 +403,7 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
   t_last, step_last = time.perf_counter(), start
   t_start = t_last
   pending = []
+  last_saved = start or None
   for step in range(start + 1, total + 1):
     host_batch = next(train_iter)
     batch = pipeline.make_global_batch(host_batch, mesh)
@@ -356,13 +413,13 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
     if step % config.train.log_every_steps == 0 or is_last:
       metrics = jax.device_get(pending)
       pending = []
-      _check_finite(config, metrics, step - len(metrics) + 1)
+      _check_finite(config, metrics, step - len(metrics) + 1, last_saved)
       now = time.perf_counter()
       steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
       eta = (total - step) / max(steps_per_s, 1e-9)
       last = metrics[-1]
       values = {k: float(np.mean([m[k] for m in metrics]))
-                for k in last if k != 'finite'}
+                for k in last if not k.startswith('finite')}
       values.update(steps_per_s=steps_per_s,
                     clips_per_s=steps_per_s * config.input.batch_size,
                     learning_rate=float(schedule(step)))
@@ -377,9 +434,10 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
     if stop or is_last or step % config.train.checkpoint_every_steps == 0:
       if pending:  # never save a state that a pending non-finite step poisoned
         metrics = jax.device_get(pending)
-        _check_finite(config, metrics, step - len(metrics) + 1)
+        _check_finite(config, metrics, step - len(metrics) + 1, last_saved)
         pending = []
       ckpt.save(step, state, train_iter, force=True)
+      last_saved = step
     if stop:
       ckpt.wait()
       logging.warning('Stopped at step %d after SIGTERM; checkpoint saved.', step)
@@ -396,15 +454,25 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-def _check_finite(config, metrics, first_step):
+FINITE_CHECKS = ('loss', 'grad_norm', 'params', 'opt_state', 'batch_stats')
+
+
+def _check_finite(config, metrics, first_step, last_saved=None):
   for i, m in enumerate(metrics):
-    if not bool(m['finite']):
-      step = first_step + i
-      msg = (f'non-finite loss or gradient at step {step} (loss={float(m["loss"])}, '
-             f'grad_norm={float(m["grad_norm"])}); the update was not applied')
-      if config.train.on_nonfinite == 'stop':
-        raise NonFiniteError(msg + '; stopping (config.train.on_nonfinite=stop).')
-      logging.warning('%s; skipping it (config.train.on_nonfinite=skip).', msg)
+    if bool(m['finite']):
+      continue
+    step = first_step + i
+    what = next(k for k in FINITE_CHECKS if not bool(m[f'finite_{k}']))
+    what = {'params': 'the updated parameters', 'opt_state': 'the updated optimizer state',
+            'batch_stats': 'the updated batch statistics'}.get(what, what)
+    msg = (f'step {step}: {what} went non-finite (loss={float(m["loss"])}, '
+           f'grad_norm={float(m["grad_norm"])}); the update was not applied')
+    if config.train.on_nonfinite == 'stop':
+      saved = (f'the newest checkpoint is step {last_saved}' if last_saved
+               else 'no checkpoint was written')
+      raise NonFiniteError(f'training stopped at {msg}; {saved} '
+                           '(config.train.on_nonfinite=stop)')
+    logging.warning('%s; skipping it (config.train.on_nonfinite=skip).', msg)
 
 
 def _hms(seconds: float) -> str:

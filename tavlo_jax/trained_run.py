@@ -100,10 +100,10 @@ def find_checkpoint(checkpoint: str) -> tuple[str, str, int]:
     root = checkpoint
     if os.path.isdir(os.path.join(root, 'checkpoints')):
       root = os.path.join(root, 'checkpoints')
-    # Only finalised steps: Orbax renames a step dir to its bare number when
-    # the save completed; half-written ones carry a tmp suffix.
-    steps = sorted(int(n) for n in os.listdir(root)
-                   if _is_step_dir(os.path.join(root, n)))
+    # Only steps Orbax committed (the rule training uses): a folder named by
+    # a number is not enough, it may be emptied or half-written.
+    steps = [n for n in checkpointing.complete_steps(root)
+             if _is_step_dir(os.path.join(root, str(n)))]
     if not steps:
       raise RunError(f'--checkpoint={checkpoint!r}: no finished checkpoint '
                      f'step (a <step>/state folder) in {root}')

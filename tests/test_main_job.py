@@ -121,6 +121,10 @@ def test_sigkill_at_a_random_step_resumes_bit_exactly(data_dir, tmp_path):
   la, lb = _losses(straight), _losses(killed)
   for step in range(1, 9):
     assert la[step] == lb[step], (step, la[step], lb[step])
+  # Steps replayed after the kill replace the killed launch's lines.
+  with open(killed / 'metrics.jsonl') as f:
+    logged = [json.loads(line)['step'] for line in f if 'train/loss' in line]
+  assert logged == list(range(1, 9))
 
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):

@@ -157,3 +157,5 @@ def test_unreadable_checkpoint_falls_back_to_previous(tmp_path):
   step, restored = ckpt.restore_latest(target, None)
   ckpt.close()
   assert step == 1 and restored is not None
+  # The damaged step is kept under a name Orbax never takes for a step.
+  assert (tmp_path / 'ckpt' / '2.damaged-1').is_dir() and not (tmp_path / 'ckpt' / '2').exists()
