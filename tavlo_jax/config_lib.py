@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.augment.crop_scale = (0.6, 1.0)   # area fraction of the crop
   c.input.augment.flip = True               # horizontal flip, same for all frames
   c.input.augment.color_jitter = 0.2        # brightness/contrast/saturation strength
+  c.input.augment.color_jitter_on = 'host'  # 'host' (numpy float64, in the workers) |
+  #                                           'device' (float32 in the step; factors drawn on the host)
   c.input.augment.spec_time_masks = 1       # SpecAugment time masks per clip
   c.input.augment.spec_time_mask_width = 4  # columns, at most
   c.input.augment.spec_freq_masks = 1

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from tavlo_jax import checkpointing, input_data, losses, sharding
 from tavlo_jax import models
 from tavlo_jax.data import audio as audio_lib
+from tavlo_jax.data import augment as augment_lib
 
 
 class TrainState(train_state.TrainState):
@@ -169,6 +170,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
   rng = jax.random.fold_in(base_rng, state.step)
   audio = _model_audio(config, batch)
   frames_used = _sounding(config, audio)   # from the input alone, not the params
+  frames = augment_lib.frames_for_model(batch)   # + colour jitter on the device
 
   def loss_fn(params):
     variables = {'params': params}
@@ -176,7 +178,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
       mutable = ['batch_stats']
-    out, updates = model.apply(variables, batch['frames'], audio, train=True,
+    out, updates = model.apply(variables, frames, audio, train=True,
                                mutable=mutable, rngs={'dropout': rng},
                                **_audio_shifts(config, batch, rng))
     loss, aux = losses.make_loss(config)(out, mask=frames_used)

@@ -132,13 +132,14 @@ class _TrainExample:
         np.random.SeedSequence([self.seed, epoch, record_index]).spawn(3))
     num_stored = clip_storage.num_frames(record)
     first = sampling.random_first_frame(num_stored, config, start_rng)
-    clip = sampling.cut_clip(record, first, config)
-
-    frames = augment_lib.augment_video(clip.frames, video_rng, aug,
-                                       config.input.image_size)
+    # The crop box and flip are drawn once the decoder knows the frame size;
+    # the decoder crops, scales and flips as it converts to RGB.
+    clip = sampling.cut_clip(
+        record, first, config, size=config.input.image_size,
+        geometry=augment_lib.ClipGeometry(video_rng, aug))
     spec_rng = audio_rng if aug.enabled else None
     return {
-        'frames': frames,
+        **augment_lib.jitter_video(clip.frames, video_rng, aug),
         **_audio_outputs(clip.waveform, config, spec_rng),
         'clip_index': np.int32(record_index),
         'frame_index': clip.frame_index,
