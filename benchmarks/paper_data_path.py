@@ -420,12 +420,18 @@ def main(argv):
   # colour jitter on the host, and without any augmentation (a full-frame
   # scale only).
   variants = []
+  # And the opt-in clip starts on key frames (nothing decoded before a clip).
   for label, settings in (('colour jitter on the host',
                            dict(color_jitter_on='host')),
-                          ('no augmentation', dict(enabled=False))):
+                          ('no augmentation', dict(enabled=False)),
+                          ('clips start on key frames (opt-in)',
+                           dict(clip_starts='key_frames'))):
     c = copy.deepcopy(config)
     for key, value in settings.items():
-      c.input.augment[key] = value
+      if key == 'clip_starts':
+        c.input[key] = value
+      else:
+        c.input.augment[key] = value
     row = pipeline_rate(c, source, 0)
     row['variant'] = label
     variants.append(row)

@@ -201,6 +201,14 @@ def num_frames(record: Mapping[str, Any]) -> int:
   return len(record['frames'])
 
 
+def key_frame_step(record: Mapping[str, Any]) -> int:
+  """Frames k * step are where decoding can start without decoding any
+  frame before them: 'h264' segment starts; every frame otherwise."""
+  if storage_of(record) == 'h264':
+    return int(record['segment_frames'])
+  return 1
+
+
 def _decode_h264_segment(record, segment: int, wanted: set[int], convert
                          ) -> dict[int, np.ndarray]:
   """convert(frame) of the frames `wanted` (indices in the clip) of one

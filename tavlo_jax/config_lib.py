@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.num_frames = 16                   # T: frames per clip seen by the model
   c.input.frame_stride = 1                  # take every k-th stored frame
+  c.input.clip_starts = 'any'               # training clip starts: 'any' stored frame |
+  #                                           'key_frames' (H.264 segment starts: nothing decoded
+  #                                           before the clip, but far fewer distinct clips)
   c.input.image_size = 64                   # frames are resized to this square size
   c.input.fps = 0.0                         # frames/s of the stored clips; 0 = from the dataset
   c.input.batch_size = 16                   # GLOBAL train batch (split over hosts/devices)

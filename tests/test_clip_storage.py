@@ -205,6 +205,26 @@ def test_decoder_crops_scales_and_flips_like_pil(built, box, flip):
     assert np.abs(got.astype(int) - unflipped).mean() > 4 * d.mean()
 
 
+def test_clips_can_start_on_key_frames_only(built):
+  builder, _ = built
+  source = builder.as_data_source('train')
+  config = paper_like_config()          # T = 8 of 24 stored frames
+  config.input.clip_starts = 'key_frames'
+  example = pipeline._TrainExample(source, config, seed=0)
+  starts = {int(example((epoch, 0))['frame_index'][0]) for epoch in range(40)}
+  if builder.builder_config.frame_codec == 'h264':
+    assert starts == {0, 8, 16}         # the segment starts (SEGMENT = 8)
+  else:
+    assert starts <= set(range(17)) and len(starts) > 3   # every frame
+  config.input.clip_starts = 'any'
+  example = pipeline._TrainExample(source, config, seed=0)
+  assert len({int(example((epoch, 0))['frame_index'][0])
+              for epoch in range(40)}) > 3
+  config.input.clip_starts = 'segments'
+  with pytest.raises(ValueError, match='clip_starts'):
+    pipeline._TrainExample(source, config, seed=0)((0, 0))
+
+
 def test_train_examples_from_jpeg_records(built):
   builder, _ = built
   config = paper_like_config()
