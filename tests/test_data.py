@@ -8,6 +8,7 @@ clicks at known frames), built once per pytest run as array_record.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import librosa
@@ -390,6 +391,19 @@ def test_color_jitter_on_device_uses_the_host_draws(train_source):
   with pytest.raises(ValueError, match='color_jitter_on'):
     next(pipeline.make_train_iterator(c_dev, train_source, process_index=0,
                                       process_count=1))
+
+
+@pytest.mark.slow
+def test_paper_train_step_compiles_with_the_jitter_factors():
+  # configs/paper.py jitters on the device: its batches carry
+  # `color_factors`, and the train step takes them (compiled, no data).
+  from tavlo_jax import aot_compile  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file(
+      str(pathlib.Path(__file__).parents[1] / 'configs/paper.py:runlocal'))
+  assert c.input.augment.color_jitter_on == 'device'
+  assert pipeline.train_batch_spec(c, 8.0)['color_factors'].shape == (
+      c.input.batch_size, 3)
+  aot_compile.compile_train_step(c, aot_compile.get_topology('cpu:1').devices)
 
 
 def test_pipeline_augments_whole_clips_and_not_eval(train_source, test_source):
