@@ -6,6 +6,13 @@ objects jump between frames, and the temporal model would learn from the
 jitter instead of the motion). Audio: SpecAugment time/frequency masks on the
 log-mel. Everything is switched by `config.input.augment.*`; the pipeline
 never calls this at evaluation.
+
+Where the pixels are touched: the crop box and flip are drawn here and
+applied by the decoder as it scales (clip_storage.gather_frames); the colour
+jitter runs here (float64 numpy), or with `color_jitter_on='device'` inside
+the jitted train step (`frames_for_model`) on factors drawn here, so both
+places apply the same augmentation for the same seed and a resumed pipeline
+state resumes it exactly.
 """
 
 from __future__ import annotations
