@@ -270,25 +270,60 @@ class FirstRoundExample:
     }
 
 
-def pipeline_rate(config, source, workers: int, first_round=False) -> dict:
+# Data paths measured side by side, each in a fresh process (the malloc
+# setting is per process): what the first encoded-storage round did, today's
+# without and with `pipeline.reuse_freed_memory`.
+PATHS = {
+    'first_round': 'first round: whole RGB frames, PIL crop + resize, '
+                   'float64 jitter on the host',
+    'today_default_malloc': 'today, glibc malloc defaults',
+    'today': 'today: scaled while decoding, jitter on the device, freed '
+             'memory reused',
+}
+
+
+def pipeline_rate(config, source, workers: int, batches: int,
+                  path: str = 'today') -> dict:
   from unittest import mock  # pylint: disable=g-import-not-at-top
   from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = copy.deepcopy(config)
   c.input.num_workers = workers
-  example = FirstRoundExample if first_round else pipeline._TrainExample  # pylint: disable=protected-access
-  with mock.patch.object(pipeline, '_TrainExample', example):
+  example = (FirstRoundExample if path == 'first_round'
+             else pipeline._TrainExample)  # pylint: disable=protected-access
+  reuse = (pipeline.reuse_freed_memory if path == 'today'
+           else lambda: False)
+  with mock.patch.object(pipeline, '_TrainExample', example), \
+       mock.patch.object(pipeline, 'reuse_freed_memory', reuse):
     it = pipeline.make_train_iterator(c, source, process_index=0,
                                       process_count=1)
     for _ in range(max(workers, 1) * c.input.prefetch + 1):   # steady state
       next(it)
     with Meter() as m:
-      for _ in range(FLAGS.batches):
+      for _ in range(batches):
         next(it)
   if hasattr(it, 'close'):
     it.close()
-  clips = FLAGS.batches * c.input.batch_size
+  clips = batches * c.input.batch_size
   return dict(workers=workers, clips_per_cpu_s=clips / m.cpu,
               clips_per_wall_s=clips / m.wall, cpu_s=m.cpu, wall_s=m.wall)
+
+
+def _rate_in_this_process(config, data_dir: str, batches: int, path: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder_from_directory(data_dir).as_data_source('train')
+  return pipeline_rate(config, source, 0, batches, path)
+
+
+def rate_in_fresh_process(config, data_dir: str, batches: int,
+                          path: str) -> dict:
+  """pipeline_rate(0 workers) in a new Python process (spawned, so nothing
+  this process set, such as mallopt, carries over)."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  with concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context('spawn')) as pool:
+    return pool.submit(_rate_in_this_process, config, data_dir, batches,
+                       path).result()
 
 
 # Stages of the per-example work: (label, file suffix or '', function name);
@@ -409,7 +444,7 @@ def main(argv):
   print('|---|---|---|---|---|')
   rows = []
   for workers in map(int, FLAGS.workers):
-    row = pipeline_rate(config, source, workers)
+    row = pipeline_rate(config, source, workers, FLAGS.batches)
     rows.append(row)
     print(f"| {workers} | **{row['clips_per_cpu_s']:.1f}** | "
           f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
@@ -432,7 +467,7 @@ def main(argv):
         c.input[key] = value
       else:
         c.input.augment[key] = value
-    row = pipeline_rate(c, source, 0)
+    row = pipeline_rate(c, source, 0, FLAGS.batches)
     row['variant'] = label
     variants.append(row)
     print(f"| 0, {label} | {row['clips_per_cpu_s']:.1f} | "
@@ -441,22 +476,24 @@ def main(argv):
   results['pipeline_variants'] = variants
 
   if FLAGS.first_round:
-    # Side by side, alternating (the load of a shared machine drifts).
-    pairs = {'first round': [], 'today': []}
+    # Side by side, alternating (the load of a shared machine drifts), each
+    # run in a fresh process.
+    data_dir = builds[codec][0].data_dir
+    runs = {path: [] for path in PATHS}
     for _ in range(FLAGS.rounds):
-      for label in pairs:
-        pairs[label].append(pipeline_rate(config, source, 0,
-                                          first_round=label == 'first round'))
-    for label, runs in pairs.items():
-      cpu = sum(r['cpu_s'] for r in runs)
-      wall = sum(r['wall_s'] for r in runs)
-      clips = FLAGS.batches * FLAGS.batch_size * len(runs)
-      print(f'| 0, {label} path, {len(runs)} alternating runs | '
-            f'{clips / cpu:.1f} | {clips / wall:.1f} | {cpu:.1f} | '
-            f'{wall:.1f} |', flush=True)
-      results[f'pipeline_{label.replace(" ", "_")}'] = dict(
+      for path in PATHS:
+        runs[path].append(rate_in_fresh_process(config, data_dir,
+                                                FLAGS.batches, path))
+    for path, label in PATHS.items():
+      cpu = sum(r['cpu_s'] for r in runs[path])
+      wall = sum(r['wall_s'] for r in runs[path])
+      clips = FLAGS.batches * FLAGS.batch_size * len(runs[path])
+      print(f'| 0, {label} ({len(runs[path])} alternating runs, fresh '
+            f'processes) | {clips / cpu:.1f} | {clips / wall:.1f} | '
+            f'{cpu:.1f} | {wall:.1f} |', flush=True)
+      results[f'pipeline_{path}'] = dict(
           clips_per_cpu_s=clips / cpu, clips_per_wall_s=clips / wall,
-          runs=runs)
+          runs=runs[path])
 
   for first_round in ((True, False) if FLAGS.first_round else (False,)):
     text, per_example_ms, shares = profile_examples(config, source,
