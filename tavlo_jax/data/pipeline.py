@@ -299,6 +299,7 @@ class _EvalExample:
     self.samples_per_frame = samples_per_frame   # shapes the padding waveform
 
   def __call__(self, window: sampling.EvalWindow) -> dict[str, np.ndarray]:
+    reuse_freed_memory()
     if window.record < 0:
       return self._padding()
     record = self.source[window.record]
