@@ -20,11 +20,12 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
    for each --workers count: clips per CPU-second of this process and its
    grain workers together (the machine may be shared: CPU time, not wall
    time, is the per-core rate), and wall clips/s beside it. With
-   --first_round, the data path before the decoder scaled and the colour
-   jitter moved to the device (whole RGB frames, PIL crop + resize, float64
-   jitter on the host) is measured alternately with today's, 0 workers,
-   --rounds times each. Then a cProfile of the per-example work in one
-   thread, both paths: what limits the rate.
+   --first_round, three data paths alternately, --rounds times each, every
+   run in a fresh process (0 workers): the first encoded-storage round's
+   (whole RGB frames, PIL crop + resize, float64 jitter on the host),
+   today's with glibc's malloc defaults, and today's (PATHS). Then a
+   cProfile of the per-example work in one thread, first round and today:
+   what limits the rate.
 4. Demand: clips/s one accelerator consumes at 40% MFU from the FLOPs per
    clip of the compiled paper train step (`tavlo_jax.aot_compile`, batch 2
    on this CPU; --gflop_per_clip skips the compile), and the host cores each
