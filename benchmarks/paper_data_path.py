@@ -3,21 +3,29 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
   python benchmarks/paper_data_path.py                       # everything
   python benchmarks/paper_data_path.py --clips=4 --workers=0,1 --batches=4
   python benchmarks/paper_data_path.py --gflop_per_clip=273.6  # skip the compile
+  python benchmarks/paper_data_path.py --codecs=h264:25,h264:25:8 --workers=0
 
 1. Fixture: --clips VGGSound-like mp4s written here (tests/fixtures/
    natural_video.py: 1/f colour texture, camera pan and shake, moving
    textured blobs, sensor noise; 640x360 H.264 at 600 kbit/s, 25/30 fps;
    AAC stereo 128 kbit/s at 44.1/48 kHz), 10 s each.
-2. Storage and build, per --codecs entry (`h264:<crf>` or `jpeg:<quality>`):
-   the `vggsound` builder (8 fps, short side 256, 16 kHz) from the mp4s to
-   array_record; bytes on disk per second of video against the mp4s', and
-   builder clips per CPU-second; the cost of decoding one T=16 clip.
+2. Storage and build, per --codecs entry (`h264:<crf>[:<segment frames>]`
+   or `jpeg:<quality>`): the `vggsound` builder (8 fps, short side 256,
+   16 kHz) from the mp4s to array_record; bytes on disk per second of video
+   against the mp4s', and builder clips per CPU-second; the frames decoded
+   for one random T=16 clip and their cost.
 3. Training pipeline (`configs/paper.py:real`: 224 px, T=16, 128 mels,
-   augmentation on, log-mel on the device so the pipeline ships waveforms)
+   augmentation on, log-mel and colour jitter on the device: the pipeline
+   ships waveforms, and frames with their jitter factors)
    for each --workers count: clips per CPU-second of this process and its
    grain workers together (the machine may be shared: CPU time, not wall
-   time, is the per-core rate), and wall clips/s beside it. Then a cProfile
-   of the same per-example work in one thread: what limits the rate.
+   time, is the per-core rate), and wall clips/s beside it. With
+   --first_round, three data paths alternately, --rounds times each, every
+   run in a fresh process (0 workers): the first encoded-storage round's
+   (whole RGB frames, PIL crop + resize, float64 jitter on the host),
+   today's with glibc's malloc defaults, and today's (PATHS). Then a
+   cProfile of the per-example work in one thread, first round and today:
+   what limits the rate.
 4. Demand: clips/s one accelerator consumes at 40% MFU from the FLOPs per
    clip of the compiled paper train step (`tavlo_jax.aot_compile`, batch 2
    on this CPU; --gflop_per_clip skips the compile), and the host cores each
@@ -52,9 +60,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', ['paper'], 'only `paper` (224 px, T=16, 128 mels)')
 flags.DEFINE_integer('clips', 6, 'fixture clips (10 s each)')
 flags.DEFINE_float('seconds', 10.0, 'length of each fixture clip')
-flags.DEFINE_list('codecs', ['h264:25', 'h264:23', 'jpeg:85', 'jpeg:75'],
-                  'frame layouts to build: h264:<crf> or jpeg:<quality>; '
-                  'the first one feeds the pipeline rows')
+flags.DEFINE_list('codecs', ['h264:25', 'h264:25:8', 'h264:23', 'jpeg:85',
+                             'jpeg:75'],
+                  'frame layouts to build: h264:<crf>[:<segment frames>] or '
+                  'jpeg:<quality>; the first one feeds the pipeline rows')
+flags.DEFINE_bool('first_round', True, 'also measure the first-round data '
+                  'path (host jitter, PIL resize), alternately with today\'s')
+flags.DEFINE_integer('rounds', 3, 'alternations of the first-round rows')
 flags.DEFINE_list('workers', ['0', '1', '2'], 'grain worker counts')
 flags.DEFINE_integer('batches', 6, 'timed batches per pipeline row')
 flags.DEFINE_integer('batch_size', 16, 'host batch of the pipeline rows')
@@ -122,12 +134,14 @@ def builder_for(codec: str, data_dir):
   from tavlo_datasets.vggsound import Builder, VggsoundConfig  # pylint: disable=g-import-not-at-top
   kind, _, value = codec.partition(':')
   if kind == 'h264':
-    options = dict(frame_codec='h264', h264_crf=int(value or 25))
+    crf, _, segment = value.partition(':')
+    options = dict(frame_codec='h264', h264_crf=int(crf or 25),
+                   segment_frames=int(segment or 16))
   elif kind == 'jpeg':
     options = dict(frame_codec='jpeg', jpeg_quality=int(value or 85))
   else:
-    raise app.UsageError(f'--codecs entry {codec!r}: expected h264:<crf> or '
-                         'jpeg:<quality>')
+    raise app.UsageError(f'--codecs entry {codec!r}: expected '
+                         'h264:<crf>[:<segment frames>] or jpeg:<quality>')
   name = codec.replace(':', '_')
   return Builder(config=VggsoundConfig(name=f'bench_{name}', ids_file='',
                                        **options), data_dir=str(data_dir))
@@ -160,23 +174,41 @@ def stored_bytes(builder) -> dict:
   return dict(files=files, frames=frames, audio=audio)
 
 
+def decoded_frames(record, frame_index) -> int:
+  """Frames the decoder produces for these clip frames: in 'h264', every
+  segment touched is decoded from its key frame to the last frame used."""
+  from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
+  used = {int(i) for i in frame_index if i >= 0}
+  if clip_storage.storage_of(record) != 'h264':
+    return len(used)
+  length = int(record['segment_frames'])
+  last = {}
+  for i in used:
+    last[i // length] = max(last.get(i // length, -1), i)
+  return sum(i - g * length + 1 for g, i in last.items())
+
+
 def clip_decode_ms(builder, config) -> tuple[float, float]:
-  """CPU ms to decode the T frames of a random clip (and the PSNR cost)."""
+  """CPU ms to decode the T frames of a random clip (as RGB at the stored
+  size), and the frames decoded for it on average."""
   from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
   from tavlo_jax.data import sampling  # pylint: disable=g-import-not-at-top
   source = builder.as_data_source('train')
   rng = np.random.default_rng(0)
   records = [source[i] for i in range(len(source))]
   reps = 40
+  decoded = 0
   t0 = time.process_time()
   for k in range(reps):
     record = records[k % len(records)]
     first = sampling.random_first_frame(clip_storage.num_frames(record),
                                         config, rng)
-    clip_storage.gather_frames(record, sampling.clip_frame_indices(
+    index = sampling.clip_frame_indices(
         first, config.input.num_frames, config.input.frame_stride,
-        clip_storage.num_frames(record)))
-  return 1e3 * (time.process_time() - t0) / reps
+        clip_storage.num_frames(record))
+    clip_storage.gather_frames(record, index)
+    decoded += decoded_frames(record, index)
+  return 1e3 * (time.process_time() - t0) / reps, decoded / reps
 
 
 def psnr_vs_source(builder, paths) -> float:
@@ -206,51 +238,133 @@ def paper_config():
   return c
 
 
-def pipeline_rate(config, source, workers: int) -> dict:
+class FirstRoundExample:
+  """The training example as the first encoded-storage round built it, to
+  measure against: whole frames decoded to RGB at the stored size, then PIL
+  crop + resize, flip and float64 colour jitter on the host
+  (`augment_video`). Same draws, same record reads as `_TrainExample`."""
+
+  def __init__(self, data_source, config, seed: int):
+    self.source, self.config, self.seed = data_source, config, int(seed)
+
+  def __call__(self, item):
+    from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
+    from tavlo_jax.data import augment, pipeline, sampling  # pylint: disable=g-import-not-at-top
+    t = self
+    epoch, record_index = item
+    aug = t.config.input.augment
+    record = t.source[record_index]
+    start_rng, video_rng, audio_rng = (
+        np.random.default_rng(s) for s in
+        np.random.SeedSequence([t.seed, epoch, record_index]).spawn(3))
+    first = sampling.random_first_frame(clip_storage.num_frames(record),
+                                        t.config, start_rng)
+    clip = sampling.cut_clip(record, first, t.config)
+    frames = augment.augment_video(clip.frames, video_rng, aug,
+                                   t.config.input.image_size)
+    return {
+        'frames': frames,
+        **pipeline._audio_outputs(clip.waveform, t.config,  # pylint: disable=protected-access
+                                  audio_rng if aug.enabled else None),
+        'clip_index': np.int32(record_index),
+        'frame_index': clip.frame_index,
+    }
+
+
+# Data paths measured side by side, each in a fresh process (the malloc
+# setting is per process): what the first encoded-storage round did, today's
+# without and with `pipeline.reuse_freed_memory`.
+PATHS = {
+    'first_round': 'first round: whole RGB frames, PIL crop + resize, '
+                   'float64 jitter on the host',
+    'today_default_malloc': 'today, glibc malloc defaults',
+    'today': 'today: scaled while decoding, jitter on the device, freed '
+             'memory reused',
+}
+
+
+def pipeline_rate(config, source, workers: int, batches: int,
+                  path: str = 'today') -> dict:
+  from unittest import mock  # pylint: disable=g-import-not-at-top
   from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = copy.deepcopy(config)
   c.input.num_workers = workers
-  it = pipeline.make_train_iterator(c, source, process_index=0,
-                                    process_count=1)
-  for _ in range(max(workers, 1) * c.input.prefetch + 1):   # steady state
-    next(it)
-  with Meter() as m:
-    for _ in range(FLAGS.batches):
+  example = (FirstRoundExample if path == 'first_round'
+             else pipeline._TrainExample)  # pylint: disable=protected-access
+  reuse = (pipeline.reuse_freed_memory if path == 'today'
+           else lambda: False)
+  with mock.patch.object(pipeline, '_TrainExample', example), \
+       mock.patch.object(pipeline, 'reuse_freed_memory', reuse):
+    it = pipeline.make_train_iterator(c, source, process_index=0,
+                                      process_count=1)
+    for _ in range(max(workers, 1) * c.input.prefetch + 1):   # steady state
       next(it)
+    with Meter() as m:
+      for _ in range(batches):
+        next(it)
   if hasattr(it, 'close'):
     it.close()
-  clips = FLAGS.batches * c.input.batch_size
+  clips = batches * c.input.batch_size
   return dict(workers=workers, clips_per_cpu_s=clips / m.cpu,
               clips_per_wall_s=clips / m.wall, cpu_s=m.cpu, wall_s=m.wall)
 
 
-def profile_examples(config, source) -> tuple[str, float, dict]:
-  """cProfile of the per-example work (`_TrainExample`) in one thread."""
+def _rate_in_this_process(config, data_dir: str, batches: int, path: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder_from_directory(data_dir).as_data_source('train')
+  return pipeline_rate(config, source, 0, batches, path)
+
+
+def rate_in_fresh_process(config, data_dir: str, batches: int,
+                          path: str) -> dict:
+  """pipeline_rate(0 workers) in a new Python process (spawned, so nothing
+  this process set, such as mallopt, carries over)."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  with concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context('spawn')) as pool:
+    return pool.submit(_rate_in_this_process, config, data_dir, batches,
+                       path).result()
+
+
+# Stages of the per-example work: (label, file suffix or '', function name);
+# each is the cumulative time of the function that does it.
+PROFILE_STAGES = (
+    ('read record (array_record + TFDS deserialise)', '', '__getitem__'),
+    ('H.264 decode (libavcodec, incl. frames before the first used)', '~',
+     "<method 'decode' of 'av.codec.context.CodecContext' objects>"),
+    ('crop + flip copy of the YUV box, swscale scale + YUV->RGB',
+     'clip_storage.py', '__call__'),
+    ('YUV->RGB of whole frames (first round)', 'clip_storage.py', '_to_rgb'),
+    ('crop + resize to 224 (PIL, first round)', '', 'resize_frames'),
+    ('colour jitter (numpy float64, first round)', '', 'color_jitter'),
+    ('audio window (FLAC) + SpecAugment masks', '', '_audio_outputs'),
+)
+
+
+def profile_examples(config, source, first_round=False
+                     ) -> tuple[str, float, dict]:
+  """cProfile of the per-example work in one thread."""
   from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  example = pipeline._TrainExample(source, config, 0)  # pylint: disable=protected-access
+  make = FirstRoundExample if first_round else pipeline._TrainExample  # pylint: disable=protected-access
+  example = make(source, config, 0)
   n = FLAGS.profile_examples
   example((0, 0))
   profiler = cProfile.Profile(time.process_time)   # CPU, not wall, time
   t0 = time.process_time()
   profiler.enable()
   for i in range(n):
-    example((0, i % len(source)))
+    example((i // len(source), i % len(source)))
   profiler.disable()
   per_example_ms = 1e3 * (time.process_time() - t0) / n
   stats = pstats.Stats(profiler)
-  # Shares of named stages (cumulative time of the function that does each).
-  stages = {
-      'read record (array_record + TFDS deserialise)': '__getitem__',
-      'H.264/JPEG decode + YUV->RGB (clip_storage)': 'gather_frames',
-      'crop + resize to 224 (PIL)': 'resize_frames',
-      'colour jitter (numpy)': 'color_jitter',
-      'audio window + SpecAugment masks': '_audio_outputs',
-  }
   shares = {}
-  for label, func in stages.items():
-    cum = max((v[3] for k, v in stats.stats.items() if k[2] == func),
-              default=0.0)
+  for label, suffix, func in PROFILE_STAGES:
+    cum = max((v[3] for k, v in stats.stats.items()
+               if k[2] == func and k[0].endswith(suffix)), default=0.0)
     shares[label] = 1e3 * cum / n
+  shares['everything else (copies, Python, rng, ...)'] = (
+      per_example_ms - sum(shares.values()))
   out = io.StringIO()
   pstats.Stats(profiler, stream=out).sort_stats('tottime').print_stats(12)
   return out.getvalue(), per_example_ms, shares
@@ -296,8 +410,8 @@ def main(argv):
         '16 kHz; one process)')
   print('| frames | KB per s of video | x source mp4 | of which frames / audio '
         '| PSNR vs source dB | build clips per CPU-s | build clips/s wall '
-        '| decode T=16 clip CPU ms |')
-  print('|---|---|---|---|---|---|---|---|')
+        '| frames decoded per T=16 clip | decode it, CPU ms |')
+  print('|---|---|---|---|---|---|---|---|---|')
   builds = {}
   for codec in FLAGS.codecs:
     builder, meter = build(codec, manual, root / 'data')
@@ -309,41 +423,52 @@ def main(argv):
                psnr=psnr_vs_source(builder, paths),
                build_clips_per_cpu_s=len(paths) / meter.cpu,
                build_clips_per_wall_s=len(paths) / meter.wall,
-               decode_ms=clip_decode_ms(builder, config))
+               **dict(zip(('decode_ms', 'frames_decoded'),
+                          clip_decode_ms(builder, config))))
     builds[codec] = (builder, row)
     print(f"| {codec} | {row['kb_per_s']:.1f} | {row['ratio']:.2f}x | "
           f"{row['frames_kb_per_s']:.1f} / {row['audio_kb_per_s']:.1f} | "
           f"{row['psnr']:.1f} | {row['build_clips_per_cpu_s']:.2f} | "
-          f"{row['build_clips_per_wall_s']:.2f} | {row['decode_ms']:.1f} |",
+          f"{row['build_clips_per_wall_s']:.2f} | "
+          f"{row['frames_decoded']:.1f} | {row['decode_ms']:.1f} |",
           flush=True)
   results['storage'] = [row for _, row in builds.values()]
 
   codec = FLAGS.codecs[0]
   source = builds[codec][0].as_data_source('train')
   print(f'\n## training pipeline, configs/paper.py:real (224 px, T=16, '
-        f'128 mels, augmentation on, log-mel on the device), records '
+        f'128 mels, augmentation on, log-mel and colour jitter on the '
+        f'device), records '
         f'{codec}, host batch {FLAGS.batch_size}')
   print('| grain workers | clips per CPU-s (process + workers) | clips/s wall '
         '| CPU s | wall s |')
   print('|---|---|---|---|---|')
   rows = []
   for workers in map(int, FLAGS.workers):
-    row = pipeline_rate(config, source, workers)
+    row = pipeline_rate(config, source, workers, FLAGS.batches)
     rows.append(row)
     print(f"| {workers} | **{row['clips_per_cpu_s']:.1f}** | "
           f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
           f"{row['wall_s']:.1f} |", flush=True)
   results['pipeline'] = rows
   per_core = max(r['clips_per_cpu_s'] for r in rows)
-  # What the augmentation costs: the same pipeline (0 workers) without the
-  # colour jitter, and without any augmentation (a full-frame resize only).
+  # What the augmentation costs: the same pipeline (0 workers) with the
+  # colour jitter on the host, and without any augmentation (a full-frame
+  # scale only).
   variants = []
-  for label, settings in (('no colour jitter', dict(color_jitter=0.0)),
-                          ('no augmentation', dict(enabled=False))):
+  # And the opt-in clip starts on key frames (nothing decoded before a clip).
+  for label, settings in (('colour jitter on the host',
+                           dict(color_jitter_on='host')),
+                          ('no augmentation', dict(enabled=False)),
+                          ('clips start on key frames (opt-in)',
+                           dict(clip_starts='key_frames'))):
     c = copy.deepcopy(config)
     for key, value in settings.items():
-      c.input.augment[key] = value
-    row = pipeline_rate(c, source, 0)
+      if key == 'clip_starts':
+        c.input[key] = value
+      else:
+        c.input.augment[key] = value
+    row = pipeline_rate(c, source, 0, FLAGS.batches)
     row['variant'] = label
     variants.append(row)
     print(f"| 0, {label} | {row['clips_per_cpu_s']:.1f} | "
@@ -351,16 +476,42 @@ def main(argv):
           f"{row['wall_s']:.1f} |", flush=True)
   results['pipeline_variants'] = variants
 
-  text, per_example_ms, shares = profile_examples(config, source)
-  print(f'\n## what limits it: cProfile of {FLAGS.profile_examples} examples '
-        f'in one thread, {per_example_ms:.1f} CPU ms per example '
-        f'(= {1e3 / per_example_ms:.0f} clips per CPU-s)')
-  print('| stage | CPU ms per example | share |')
-  print('|---|---|---|')
-  for label, ms in sorted(shares.items(), key=lambda kv: -kv[1]):
-    print(f'| {label} | {ms:.1f} | {100 * ms / per_example_ms:.0f}% |')
-  print('\n' + '\n'.join(text.splitlines()[:40]))
-  results['profile'] = dict(per_example_ms=per_example_ms, stages=shares)
+  if FLAGS.first_round:
+    # Side by side, alternating (the load of a shared machine drifts), each
+    # run in a fresh process.
+    data_dir = builds[codec][0].data_dir
+    runs = {path: [] for path in PATHS}
+    for _ in range(FLAGS.rounds):
+      for path in PATHS:
+        runs[path].append(rate_in_fresh_process(config, data_dir,
+                                                FLAGS.batches, path))
+    for path, label in PATHS.items():
+      cpu = sum(r['cpu_s'] for r in runs[path])
+      wall = sum(r['wall_s'] for r in runs[path])
+      clips = FLAGS.batches * FLAGS.batch_size * len(runs[path])
+      print(f'| 0, {label} ({len(runs[path])} alternating runs, fresh '
+            f'processes) | {clips / cpu:.1f} | {clips / wall:.1f} | '
+            f'{cpu:.1f} | {wall:.1f} |', flush=True)
+      results[f'pipeline_{path}'] = dict(
+          clips_per_cpu_s=clips / cpu, clips_per_wall_s=clips / wall,
+          runs=runs[path])
+
+  for first_round in ((True, False) if FLAGS.first_round else (False,)):
+    text, per_example_ms, shares = profile_examples(config, source,
+                                                    first_round)
+    name = 'first-round path' if first_round else 'today\'s path'
+    print(f'\n## what limits it ({name}): cProfile of '
+          f'{FLAGS.profile_examples} examples in one thread, '
+          f'{per_example_ms:.1f} CPU ms per example (= '
+          f'{1e3 / per_example_ms:.0f} clips per CPU-s, profiler included)')
+    print('| stage | CPU ms per example | share |')
+    print('|---|---|---|')
+    for label, ms in sorted(shares.items(), key=lambda kv: -kv[1]):
+      if ms > 0.05:
+        print(f'| {label} | {ms:.1f} | {100 * ms / per_example_ms:.0f}% |')
+    print('\n' + '\n'.join(text.splitlines()[:40]))
+    results['profile_first_round' if first_round else 'profile'] = dict(
+        per_example_ms=per_example_ms, stages=shares)
 
   gflop, gflop_source = gflop_per_clip()
   print(f'\n## demand at {100 * FLAGS.mfu:.0f}% MFU: {gflop:.1f} GFLOP per '

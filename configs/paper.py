@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.num_workers = 8
   config.input.audio.n_mels = 128
   config.input.audio.n_fft = 1024
+  # Per-pixel work on the accelerator, not the host cores that feed it: the
+  # colour jitter (factors drawn on the host) joins the log-mel in the step.
+  config.input.augment.color_jitter_on = 'device'
 
   config.model.dtype = 'bfloat16'
   config.model.embed_dim = 512              # ResNet-18 output width

@@ -39,6 +39,8 @@ import io
 from typing import Any, Mapping
 
 import av
+from av.video.reformatter import Interpolation
+from av.video.reformatter import VideoReformatter
 import numpy as np
 from PIL import Image
 import soundfile
@@ -199,10 +201,18 @@ def num_frames(record: Mapping[str, Any]) -> int:
   return len(record['frames'])
 
 
-def _decode_h264_segment(record, segment: int, wanted: set[int]
+def key_frame_step(record: Mapping[str, Any]) -> int:
+  """Frames k * step are where decoding can start without decoding any
+  frame before them: 'h264' segment starts; every frame otherwise."""
+  if storage_of(record) == 'h264':
+    return int(record['segment_frames'])
+  return 1
+
+
+def _decode_h264_segment(record, segment: int, wanted: set[int], convert
                          ) -> dict[int, np.ndarray]:
-  """Frames `wanted` (indices in the clip) of one segment, decoded in order
-  from its key frame up to the last one wanted."""
+  """convert(frame) of the frames `wanted` (indices in the clip) of one
+  segment, decoded in order from its key frame up to the last one wanted."""
   offsets = record['segment_offsets']
   length = int(record['segment_frames'])
   data = np.asarray(record['frames_h264'])
@@ -220,7 +230,7 @@ def _decode_h264_segment(record, segment: int, wanted: set[int]
     for packet in packets + [None]:
       for frame in decoder.decode(packet):
         if index in wanted:
-          out[index] = frame.to_ndarray(format='rgb24')
+          out[index] = convert(frame)
         index += 1
       if index > last:
         break
@@ -235,15 +245,72 @@ def _decode_h264_segment(record, segment: int, wanted: set[int]
   return out
 
 
-def _decode_h264(record, indices) -> dict[int, np.ndarray]:
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+  return frame.to_ndarray(format='rgb24')
+
+
+def _decode_h264(record, indices, convert=_to_rgb) -> dict[int, np.ndarray]:
   length = int(record['segment_frames'])
   by_segment = {}
   for i in indices:
     by_segment.setdefault(i // length, set()).add(i)
   out = {}
   for segment, wanted in sorted(by_segment.items()):
-    out.update(_decode_h264_segment(record, segment, wanted))
+    out.update(_decode_h264_segment(record, segment, wanted, convert))
   return out
+
+
+def even_box(box, height: int, width: int) -> tuple[int, int, int, int]:
+  """A crop box (x0, y0, x1, y1; None = whole frame) on even pixels inside
+  the frame: what a crop of 4:2:0 video can take without touching chroma
+  (one chroma sample per 2x2 pixels). Each edge moves by at most 1 pixel."""
+  if box is None:
+    box = (0, 0, width, height)
+  def even(v, limit):
+    return int(min(max(2 * round(v / 2), 0), limit))
+  x0, y0 = even(box[0], width - 2), even(box[1], height - 2)
+  x1, y1 = even(box[2], width), even(box[3], height)
+  return (x0, y0, max(x1, x0 + 2), max(y1, y0 + 2))
+
+
+class _ScaledRgb:
+  """YUV frame -> its crop box scaled to size x size (mirrored if asked), as
+  uint8 RGB: no full-size RGB frame and no resize of one.
+
+  `geometry(height, width)` -> (box or None for the whole frame, flip), asked
+  once, with the first frame's size; the box is snapped to even pixels
+  (`even_box`) so that the crop copies whole chroma samples. Per frame: one
+  copy of the box's Y, U, V (mirrored there, where a flip is a byte-wise
+  reversal), swscale's bilinear scaling in YUV, then its unscaled YUV->RGB
+  conversion. (Scaling straight to RGB took ~3x the CPU on this path: its
+  vertical filter for packed RGB output is not vectorised; and it was
+  further from PIL's bilinear: benchmarks/paper_data_path.py, BENCHMARKS.md.)
+  """
+
+  def __init__(self, size: int, geometry):
+    self.size, self.geometry, self.box, self.flip = int(size), geometry, None, False
+    self.scale, self.to_rgb = VideoReformatter(), VideoReformatter()
+
+  def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+    if frame.format.name != 'yuv420p':
+      raise ValueError(f'a {frame.format.name} frame, expected yuv420p')
+    if self.box is None:
+      box, self.flip = (self.geometry(frame.height, frame.width)
+                        if self.geometry else (None, False))
+      self.box = even_box(box, frame.height, frame.width)
+    x0, y0, x1, y1 = self.box
+    cropped = av.VideoFrame(x1 - x0, y1 - y0, 'yuv420p')
+    for k, (src, dst) in enumerate(zip(frame.planes, cropped.planes)):
+      step = 1 if k == 0 else 2
+      rows = np.frombuffer(src, np.uint8).reshape(-1, src.line_size)
+      part = rows[y0 // step:y1 // step, x0 // step:x1 // step]
+      out = np.frombuffer(dst, np.uint8).reshape(-1, dst.line_size)
+      out[:part.shape[0], :part.shape[1]] = part[:, ::-1] if self.flip else part
+    scaled = self.scale.reformat(cropped, self.size, self.size,
+                                 interpolation=Interpolation.BILINEAR,
+                                 threads=1)
+    return self.to_rgb.reformat(scaled, format='rgb24',
+                                threads=1).to_ndarray()
 
 
 def _decode_jpeg(record, index: int) -> np.ndarray:
@@ -264,22 +331,38 @@ def _decode_jpeg(record, index: int) -> np.ndarray:
   return frame
 
 
-def gather_frames(record: Mapping[str, Any],
-                  frame_index: np.ndarray) -> np.ndarray:
+def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
+                  size: int | None = None, geometry=None) -> np.ndarray:
   """uint8 [T, H, W, 3] frames at `frame_index`; black where it is -1.
 
   In the encoded layouts only these frames are decoded (each once, even if
   listed twice; 'h264' also decodes the frames before them in their segment).
+
+  With `size`: uint8 [T, size, size, 3]. `geometry(height, width)` (called
+  once, with the stored frame size; None: whole frame, no flip) returns
+  (box, flip): every frame's box (x0, y0, x1, y1; None = whole frame) is
+  scaled bilinearly to size x size and mirrored left-right if `flip`. In
+  the 'h264' layout this happens inside the YUV->RGB conversion
+  (`_ScaledRgb`: the box on even pixels, swscale's bilinear); the other
+  layouts decode whole frames and resize them with PIL (`resize_frames`:
+  'raw' gives exactly what it gave before this option existed).
   """
   frame_index = np.asarray(frame_index)
-  if storage_of(record) == 'raw':
+  storage = storage_of(record)
+  if size is not None and storage != 'h264':
+    frames = gather_frames(record, frame_index)
+    box, flip = geometry(*frames.shape[1:3]) if geometry else (None, False)
+    frames = resize_frames(frames, size, box)
+    return np.ascontiguousarray(frames[:, :, ::-1]) if flip else frames
+  if storage == 'raw':
     frames = np.asarray(record['frames'])
     out = frames[np.maximum(frame_index, 0)]
     out[frame_index < 0] = 0
     return out
   wanted = [int(i) for i in np.unique(frame_index[frame_index >= 0])]
-  if storage_of(record) == 'h264':
-    decoded = _decode_h264(record, wanted or [0])
+  if storage == 'h264':
+    convert = _to_rgb if size is None else _ScaledRgb(size, geometry)
+    decoded = _decode_h264(record, wanted or [0], convert)
   else:
     decoded = {i: _decode_jpeg(record, i) for i in wanted or [0]}
   if not wanted:   # every slot is padding: black frames of the stored size
@@ -293,6 +376,25 @@ def gather_frames(record: Mapping[str, Any],
         raise ValueError(f'record {_name(record)}: frame {int(i)} is '
                          f'{frame.shape}, other frames {shape}')
       out[slot] = frame
+  return out
+
+
+def resize_frames(frames: np.ndarray, size: int,
+                  box: tuple[float, float, float, float] | None = None
+                  ) -> np.ndarray:
+  """Crops `box` (x0, y0, x1, y1; None = whole frame) and resizes to size^2.
+
+  PIL bilinear on uint8, one call per frame with the same box for every
+  frame; a no-op when nothing changes. (Measured against jax.image.resize on
+  the host in benchmarks/input_pipeline.py: PIL is much faster per clip.)
+  """
+  t, h, w, _ = frames.shape
+  if box is None and h == size and w == size:
+    return frames
+  out = np.empty((t, size, size, 3), np.uint8)
+  for i in range(t):
+    out[i] = np.asarray(Image.fromarray(frames[i]).resize(
+        (size, size), resample=Image.BILINEAR, box=box))
   return out
 
 

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.num_frames = 16                   # T: frames per clip seen by the model
   c.input.frame_stride = 1                  # take every k-th stored frame
+  c.input.clip_starts = 'any'               # training clip starts: 'any' stored frame |
+  #                                           'key_frames' (H.264 segment starts: nothing decoded
+  #                                           before the clip, but far fewer distinct clips)
   c.input.image_size = 64                   # frames are resized to this square size
   c.input.fps = 0.0                         # frames/s of the stored clips; 0 = from the dataset
   c.input.batch_size = 16                   # GLOBAL train batch (split over hosts/devices)
@@ -76,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.augment.crop_scale = (0.6, 1.0)   # area fraction of the crop
   c.input.augment.flip = True               # horizontal flip, same for all frames
   c.input.augment.color_jitter = 0.2        # brightness/contrast/saturation strength
+  c.input.augment.color_jitter_on = 'host'  # 'host' (numpy float64, in the workers) |
+  #                                           'device' (float32 in the step; factors drawn on the host)
   c.input.augment.spec_time_masks = 1       # SpecAugment time masks per clip
   c.input.augment.spec_time_mask_width = 4  # columns, at most
   c.input.augment.spec_freq_masks = 1

@@ -30,6 +30,7 @@ from tavlo_jax import checkpointing, input_data, losses, sharding
 from tavlo_jax import models
 from tavlo_jax import workdir as workdir_lib
 from tavlo_jax.data import audio as audio_lib
+from tavlo_jax.data import augment as augment_lib
 from tavlo_jax.data import pipeline
 
 
@@ -154,6 +155,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
   """One update. Pure: everything random comes from fold_in(rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
   audio = _model_audio(config, batch)
+  frames = augment_lib.frames_for_model(batch)   # + colour jitter on the device
 
   def loss_fn(params):
     variables = {'params': params}
@@ -161,7 +163,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
       mutable = ['batch_stats']
-    out, updates = model.apply(variables, batch['frames'], audio, train=True,
+    out, updates = model.apply(variables, frames, audio, train=True,
                                mutable=mutable, rngs={'dropout': rng},
                                **_audio_shifts(config, batch, rng))
     loss, aux = losses.make_loss(config)(out)

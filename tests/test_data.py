@@ -8,6 +8,7 @@ clicks at known frames), built once per pytest run as array_record.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import librosa
@@ -290,6 +291,131 @@ def test_augmentation_is_identical_across_frames():
                                       16).astype(int)
     changed |= not np.array_equal(out, plain)
   assert changed, 'augmentation never changed anything'
+
+
+def test_train_example_is_augment_video_of_the_stored_frames(train_source):
+  # Raw records (avatar_synth): the example, which asks the decoder for the
+  # cropped, scaled and flipped frames, is bit for bit what augment_video
+  # (whole stored frames, then PIL, flip, jitter) gives on the same draws.
+  c = small_config()
+  example = pipeline._TrainExample(train_source, c, seed=5)
+  for r in range(len(train_source)):
+    out = example((1, r))
+    start_rng, video_rng, _ = (
+        np.random.default_rng(s)
+        for s in np.random.SeedSequence([5, 1, r]).spawn(3))
+    record = train_source[r]
+    first = sampling.random_first_frame(len(record['frames']), c, start_rng)
+    clip = sampling.cut_clip(record, first, c)
+    np.testing.assert_array_equal(
+        out['frames'], augment_lib.augment_video(clip.frames, video_rng,
+                                                 c.input.augment, 16))
+    assert 'color_factors' not in out
+
+
+_PAGE_FAULTS_OF_EXAMPLE_BUFFERS = """
+import resource, sys
+import numpy as np
+from tavlo_jax.data import pipeline
+if sys.argv[1] == 'reuse':
+  assert pipeline.reuse_freed_memory()
+def faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def example():   # the buffers of a paper-scale example, written and freed
+  record = np.ones(650_000, np.uint8)
+  frames = [np.ones(224 * 224 * 3, np.uint8) for _ in range(16)]
+  clip = np.ones(16 * 224 * 224 * 3, np.uint8)
+example()
+before = faults()
+for _ in range(20):
+  example()
+print(faults() - before)
+"""
+
+
+@pytest.mark.slow
+def test_reuse_freed_memory_stops_the_page_faults_of_freed_buffers():
+  # With glibc's defaults the buffers of each example (a record, 16 RGB
+  # frames, the clip: ~5 MB) are mapped afresh or trimmed and regrown, and
+  # every page faults on first touch (~1,250 per example measured). With
+  # reuse_freed_memory they come back from the heap, already mapped.
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = pathlib.Path(__file__).parents[1]
+  def faults(mode):
+    out = subprocess.run([sys.executable, '-c',
+                          _PAGE_FAULTS_OF_EXAMPLE_BUFFERS, mode],
+                         capture_output=True, text=True, check=True, cwd=root)
+    return int(out.stdout.split()[-1])
+  assert faults('default') > 20 * 500
+  assert faults('reuse') < 20 * 20
+
+
+def _jitter_reference_f64(frames, factors):
+  """color_jitter's formula in float64 before rounding, per clip."""
+  out = []
+  for clip, (b, c, s) in zip(frames, np.asarray(factors, np.float64)):
+    x = clip.astype(np.float64) * b
+    x = (x - x.mean()) * c + x.mean()
+    grey = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    out.append((x - grey) * s + grey)
+  return np.stack(out)
+
+
+def test_color_jitter_on_device_is_the_host_formula():
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (3, 4, 24, 24, 3), np.uint8)
+  factors = np.stack([augment_lib.jitter_factors(np.random.default_rng(k), 0.4)
+                      for k in range(3)])
+  host = np.stack([augment_lib.color_jitter(frames[k],
+                                            np.random.default_rng(k), 0.4)
+                   for k in range(3)])
+  device = np.asarray(jax.jit(augment_lib.color_jitter_batch)(
+      frames, factors.astype(np.float32)))
+  assert device.dtype == np.uint8
+  # float32 on the device (and float32 factors) against float64: a value
+  # may round the other way only next to a rounding tie (x.5), and by 1.
+  diff = device.astype(int) - host
+  assert np.abs(diff).max() <= 1
+  exact = _jitter_reference_f64(frames, factors)
+  near_tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-3
+  assert not np.any((diff != 0) & ~near_tie)
+  assert (diff != 0).mean() < 1e-3
+
+
+def test_color_jitter_on_device_uses_the_host_draws(train_source):
+  c_host, c_dev, c_off = small_config(), small_config(), small_config()
+  c_dev.input.augment.color_jitter_on = 'device'
+  c_off.input.augment.color_jitter = 0.0
+  host, dev, off = (next(pipeline.make_train_iterator(
+      c, train_source, process_index=0, process_count=1))
+                    for c in (c_host, c_dev, c_off))
+  assert 'color_factors' not in host and 'color_factors' not in off
+  assert dev['color_factors'].shape == (4, 3)
+  assert np.all(np.abs(dev['color_factors'] - 1) <= 0.2 + 1e-6)
+  # The device batch carries the un-jittered frames (same crop and flip)...
+  np.testing.assert_array_equal(dev['frames'], off['frames'])
+  # ... which the step jitters into the host batch's frames (+-1 at ties).
+  jittered = np.asarray(jax.jit(augment_lib.frames_for_model)(dev))
+  diff = jittered.astype(int) - host['frames']
+  assert np.abs(diff).max() <= 1 and (diff != 0).mean() < 1e-3
+  assert not np.array_equal(jittered, dev['frames'])
+  c_dev.input.augment.color_jitter_on = 'gpu'
+  with pytest.raises(ValueError, match='color_jitter_on'):
+    next(pipeline.make_train_iterator(c_dev, train_source, process_index=0,
+                                      process_count=1))
+
+
+@pytest.mark.slow
+def test_paper_train_step_compiles_with_the_jitter_factors():
+  # configs/paper.py jitters on the device: its batches carry
+  # `color_factors`, and the train step takes them (compiled, no data).
+  from tavlo_jax import aot_compile  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file(
+      str(pathlib.Path(__file__).parents[1] / 'configs/paper.py:runlocal'))
+  assert c.input.augment.color_jitter_on == 'device'
+  assert pipeline.train_batch_spec(c, 8.0)['color_factors'].shape == (
+      c.input.batch_size, 3)
+  aot_compile.compile_train_step(c, aot_compile.get_topology('cpu:1').devices)
 
 
 def test_pipeline_augments_whole_clips_and_not_eval(train_source, test_source):

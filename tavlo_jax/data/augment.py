@@ -6,6 +6,13 @@ objects jump between frames, and the temporal model would learn from the
 jitter instead of the motion). Audio: SpecAugment time/frequency masks on the
 log-mel. Everything is switched by `config.input.augment.*`; the pipeline
 never calls this at evaluation.
+
+Where the pixels are touched: the crop box and flip are drawn here and
+applied by the decoder as it scales (clip_storage.gather_frames); the colour
+jitter runs here (float64 numpy), or with `color_jitter_on='device'` inside
+the jitted train step (`frames_for_model`) on factors drawn here, so both
+places apply the same augmentation for the same seed and a resumed pipeline
+state resumes it exactly.
 """
 
 from __future__ import annotations
@@ -45,6 +52,15 @@ def crop_box(rng: np.random.Generator, height: int, width: int,
   return (x0, y0, x0 + w, y0 + h)
 
 
+JITTER_PLACES = ('host', 'device')
+
+
+def jitter_factors(rng: np.random.Generator, strength: float) -> np.ndarray:
+  """float64 [3]: the brightness, contrast and saturation factors of a clip,
+  uniform in [1-s, 1+s] (one draw of three, the same on either side)."""
+  return rng.uniform(1 - strength, 1 + strength, size=3)
+
+
 def color_jitter(frames: np.ndarray, rng: np.random.Generator,
                  strength: float) -> np.ndarray:
   """Brightness, contrast and saturation factors in [1-s, 1+s], one set per clip.
@@ -54,7 +70,7 @@ def color_jitter(frames: np.ndarray, rng: np.random.Generator,
   """
   if strength <= 0:
     return frames
-  b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
+  b, c, s = jitter_factors(rng, strength)
   # In place, one float64 buffer (the factors are float64, so this is the
   # precision the plain formula x = (x - mean) * c + mean ... computes in,
   # bit for bit): the temporaries made it a leading cost per paper-size clip.
@@ -73,6 +89,33 @@ def color_jitter(frames: np.ndarray, rng: np.random.Generator,
   return x.astype(np.uint8)
 
 
+def color_jitter_batch(frames, factors):
+  """`color_jitter` of a batch inside the jitted step (float32 on device).
+
+  frames uint8 [B, T, H, W, 3], factors [B, 3] (`color_factors`, drawn on
+  the host by `jitter_factors`) -> uint8 [B, T, H, W, 3]: the host's formula
+  (same mean over the clip, same luma weights, same rounding and clipping);
+  float32 instead of float64 moves a value across a rounding tie now and
+  then (tests/test_data.py bounds it).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  f = jnp.asarray(factors, jnp.float32)[:, :, None, None, None, None]
+  x = frames.astype(jnp.float32) * f[:, 0]
+  mean = jnp.mean(x, axis=(1, 2, 3, 4), keepdims=True)
+  x = (x - mean) * f[:, 1] + mean
+  grey = (x @ jnp.asarray(_LUMA))[..., None]
+  x = (x - grey) * f[:, 2] + grey
+  return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+
+
+def frames_for_model(batch):
+  """The clip frames a batch feeds the model: with `color_factors` (colour
+  jitter on the device) jittered here, inside the jitted step."""
+  if 'color_factors' in batch:
+    return color_jitter_batch(batch['frames'], batch['color_factors'])
+  return batch['frames']
+
+
 def augment_geometry(rng: np.random.Generator, height: int, width: int,
                      aug) -> tuple[tuple | None, bool]:
   """(crop box or None, flip) for one clip. Draws in a fixed order."""
@@ -83,12 +126,43 @@ def augment_geometry(rng: np.random.Generator, height: int, width: int,
   return box, flip
 
 
+class ClipGeometry:
+  """geometry(height, width) -> (crop box or None, flip) of a clip, drawn
+  when its frame size is known: the `geometry` of `sampling.cut_clip` (the
+  decoder asks once). Without augmentation: the whole frame, no flip, and
+  nothing drawn."""
+
+  def __init__(self, rng: np.random.Generator, aug):
+    self.rng, self.aug = rng, aug
+
+  def __call__(self, height: int, width: int) -> tuple[tuple | None, bool]:
+    if not self.aug.enabled:
+      return None, False
+    return augment_geometry(self.rng, height, width, self.aug)
+
+
+def jitter_video(frames: np.ndarray, rng: np.random.Generator,
+                 aug) -> dict[str, np.ndarray]:
+  """Cropped, resized, flipped frames -> {'frames'} colour-jittered on the
+  host, or {'frames', 'color_factors'} (f32 [3]) to jitter on the device
+  (`aug.color_jitter_on`); the same draws from `rng` either way."""
+  place = aug.color_jitter_on
+  if place not in JITTER_PLACES:
+    raise ValueError(f'config.input.augment.color_jitter_on={place!r}; '
+                     f'expected one of {JITTER_PLACES}')
+  if aug.enabled and place == 'device' and aug.color_jitter > 0:
+    return {'frames': frames, 'color_factors': jitter_factors(
+        rng, aug.color_jitter).astype(np.float32)}
+  if aug.enabled:
+    frames = color_jitter(frames, rng, aug.color_jitter)
+  return {'frames': frames}
+
+
 def augment_video(frames: np.ndarray, rng: np.random.Generator, aug,
                   image_size: int) -> np.ndarray:
-  """uint8 [T, H, W, 3] -> [T, S, S, 3]: crop+resize, flip, jitter per clip."""
-  box, flip = None, False
-  if aug.enabled:
-    box, flip = augment_geometry(rng, frames.shape[1], frames.shape[2], aug)
+  """uint8 [T, H, W, 3] -> [T, S, S, 3]: crop+resize, flip, jitter per clip
+  (all on the host, whatever `aug.color_jitter_on` says)."""
+  box, flip = ClipGeometry(rng, aug)(frames.shape[1], frames.shape[2])
   frames = sampling.resize_frames(frames, image_size, box)
   if flip:
     frames = frames[:, :, ::-1]

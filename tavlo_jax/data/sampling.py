@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from tavlo_datasets import clip_storage
 from tavlo_datasets import schema
@@ -70,23 +69,9 @@ def clip_frame_indices(first_frame: int, num_frames: int, frame_stride: int,
   return np.where(idx < num_stored, idx, -1).astype(np.int32)
 
 
-def resize_frames(frames: np.ndarray, size: int,
-                  box: tuple[float, float, float, float] | None = None
-                  ) -> np.ndarray:
-  """Crops `box` (x0, y0, x1, y1; None = whole frame) and resizes to size^2.
-
-  PIL bilinear on uint8, one call per frame with the same box for every
-  frame; a no-op when nothing changes. (Measured against jax.image.resize on
-  the host in benchmarks/input_pipeline.py: PIL is much faster per clip.)
-  """
-  t, h, w, _ = frames.shape
-  if box is None and h == size and w == size:
-    return frames
-  out = np.empty((t, size, size, 3), np.uint8)
-  for i in range(t):
-    out[i] = np.asarray(Image.fromarray(frames[i]).resize(
-        (size, size), resample=Image.BILINEAR, box=box))
-  return out
+# Crop + bilinear resize of decoded frames (PIL); lives with the decoders,
+# which fuse it into the YUV->RGB conversion where they can.
+resize_frames = clip_storage.resize_frames
 
 
 def record_audio_params(record: Mapping[str, Any], config) -> tuple[float, int]:
@@ -104,14 +89,19 @@ def record_audio_params(record: Mapping[str, Any], config) -> tuple[float, int]:
 
 
 class Clip(NamedTuple):
-  frames: np.ndarray        # uint8 [T, H, W, 3] at the stored size
+  frames: np.ndarray        # uint8 [T, H, W, 3] (stored or asked size)
   waveform: np.ndarray      # f32 [T*spf] the aligned audio window
   frame_index: np.ndarray   # i32 [T] stored-frame index, -1 = padding
   audio_start: int          # waveform sample where the window starts
 
 
-def cut_clip(record: Mapping[str, Any], first_frame: int, config) -> Clip:
-  """The T frames from `first_frame` and their audio window (see top)."""
+def cut_clip(record: Mapping[str, Any], first_frame: int, config, *,
+             size: int | None = None, geometry=None) -> Clip:
+  """The T frames from `first_frame` and their audio window (see top).
+
+  `size`, `geometry`: frames cropped, scaled (and flipped) while decoding
+  (`clip_storage.gather_frames`); size None: at the stored size.
+  """
   fps, sr = record_audio_params(record, config)
   t, s = config.input.num_frames, config.input.frame_stride
   spf = audio_lib.samples_per_frame(sr, fps, s)
@@ -121,8 +111,9 @@ def cut_clip(record: Mapping[str, Any], first_frame: int, config) -> Clip:
   start = audio_window_start(first_frame, fps, sr, s, config.input.audio.block)
   waveform = clip_storage.waveform_window(record, start, t * spf)
   # Decodes only the T frames of the clip (clip_storage.py).
-  return Clip(clip_storage.gather_frames(record, frame_index), waveform,
-              frame_index, start)
+  frames = clip_storage.gather_frames(record, frame_index, size=size,
+                                      geometry=geometry)
+  return Clip(frames, waveform, frame_index, start)
 
 
 def random_first_frame(num_stored: int, config,
