@@ -21,7 +21,7 @@
 # Stages have time limits so the whole run stays under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/tavlo_gpu_bench}
+OUT=${OUT:-out/gpu_bench}
 VENV=${VENV:-.venv}
 mkdir -p "$OUT"
 START=$SECONDS

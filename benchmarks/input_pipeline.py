@@ -49,7 +49,7 @@ flags.DEFINE_integer('batches', 6, 'timed batches per setting')
 flags.DEFINE_integer('batch_size', 16, 'host batch for the benchmark')
 flags.DEFINE_float('step_clips_per_s', 0.0, 'train step rate, if known')
 flags.DEFINE_integer('step_batches', 3, 'timed train steps (0: skip)')
-flags.DEFINE_string('fixture_dir', '/tmp/tavlo_bench_fixture',
+flags.DEFINE_string('fixture_dir', 'out/bench_fixture',
                     'where to build the fixture dataset if needed')
 flags.DEFINE_string('json_out', '', 'also write the results here')
 

@@ -74,7 +74,7 @@ flags.DEFINE_integer('profile_examples', 48, 'examples in the cProfile run')
 flags.DEFINE_float('gflop_per_clip', 0.0, 'train step GFLOP per clip '
                    '(0: compile the paper step here and read its cost)')
 flags.DEFINE_float('mfu', 0.4, 'model FLOP utilisation of the demand table')
-flags.DEFINE_string('fixture_dir', '/tmp/tavlo_paper_data_path',
+flags.DEFINE_string('fixture_dir', 'out/paper_data_path',
                     'where the mp4s and the built records go')
 flags.DEFINE_string('json_out', '', 'also write the results here')
 

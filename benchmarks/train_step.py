@@ -90,7 +90,7 @@ flags.DEFINE_enum('features_on', 'host', ['host', 'device'],
 flags.DEFINE_float('fps', 8.0, 'video frame rate (waveform length only)')
 flags.DEFINE_integer('fake_devices', 8, 'fake CPU devices (0: none; read '
                      'before jax is imported)')
-flags.DEFINE_string('json_out', '/tmp/tavlo_bench/train_step.json',
+flags.DEFINE_string('json_out', 'out/train_step.json',
                     'results as JSON ("" = do not write)')
 flags.DEFINE_multi_string('set', [], 'a config override for every row, '
                           'e.g. --set=model.fine_stride=4 (repeatable)')

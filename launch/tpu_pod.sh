@@ -20,4 +20,4 @@ REPO=${REPO:-~/tavlo_jax}
 # multi-slice: add --config.mesh.data=<slices> --config.mesh.fsdp=<chips per slice>.
 gcloud compute tpus tpu-vm ssh "${TPU}" --zone="${ZONE}" --worker=all --command="
   cd ${REPO} && . .venv/bin/activate &&
-  python -m tavlo_jax.main $* 2>&1 | tee -a /tmp/tavlo.log"
+  python -m tavlo_jax.main $* 2>&1 | tee -a ~/tavlo.log"

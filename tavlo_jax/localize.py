@@ -1,6 +1,6 @@
 r"""Heat maps on anyone's video: where in the picture is the sound coming from.
 
-  python -m tavlo_jax.localize --checkpoint=/tmp/tavlo --video='clips/*.mp4' \
+  python -m tavlo_jax.localize --checkpoint=workdirs/tavlo --video='clips/*.mp4' \
       [--out=localize_out] [--overlay=mp4|gif|png|none] [--fps=8] \
       [--batch_windows=8] [--on_missing_audio=error|silence]
 
