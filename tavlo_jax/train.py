@@ -9,10 +9,7 @@ multi-host jobs never hang on a collective that one process skipped.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import re
-import signal
 import time
 from typing import Any
 
@@ -26,9 +23,8 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from tavlo_jax import checkpointing, input_data, losses, sharding
+from tavlo_jax import checkpointing, input_data, losses, run_io, sharding
 from tavlo_jax import models
-from tavlo_jax import workdir as workdir_lib
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import augment as augment_lib
 from tavlo_jax.data import pipeline
@@ -221,106 +217,6 @@ def compile_steps(config, model, mesh, state_shardings):
 
 
 # ---------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------
-
-_TAG_ILLEGAL = re.compile(r'[^-/\w.]')
-
-
-def tensorboard_tag(name: str) -> str:
-  """A metric name as a TensorBoard tag: characters outside [-/\\w.] become
-  '_' ('eval/total/fixed@0.1/ciou' -> 'eval/total/fixed_0.1/ciou'), the rule
-  TensorBoard would otherwise apply itself with one console line per name.
-  metrics.jsonl keeps the names as they are."""
-  return _TAG_ILLEGAL.sub('_', name).lstrip('/')
-
-
-class MetricWriter:
-  """Console + TensorBoard (tensorboardX) + JSON lines; process 0 writes.
-
-  `resumed_step`: the step training (re)starts from. What an earlier launch
-  logged after it is replayed by this one, so each step is logged once with
-  the value of the run that continues: `metrics.jsonl` drops its records past
-  that step (rewritten whole, then renamed over), and TensorBoard gets a
-  purge marker at the next step, which makes it discard the older events
-  from there on when it reads the log directory.
-  """
-
-  def __init__(self, workdir: str, total_steps: int, resumed_step: int | None = None):
-    self.enabled = jax.process_index() == 0
-    self.total_steps = total_steps
-    self.tb = None
-    self.jsonl = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if resumed_step is not None:
-        _drop_records_after(path, resumed_step)
-      self.tb = SummaryWriter(
-          os.path.join(workdir, 'tensorboard'),
-          purge_step=None if resumed_step is None else resumed_step + 1)
-      self.jsonl = open(path, 'a')
-
-  def scalars(self, step: int, values: dict[str, float]):
-    if not self.enabled:
-      return
-    for k, v in values.items():
-      self.tb.add_scalar(tensorboard_tag(k), v, step)
-    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
-    self.jsonl.flush()
-
-  def images(self, step: int, images: dict[str, np.ndarray]):
-    if not self.enabled:
-      return
-    for k, img in images.items():
-      self.tb.add_image(tensorboard_tag(k), img, step, dataformats='HWC')
-
-  def close(self):
-    if self.enabled:
-      self.tb.close()
-      self.jsonl.close()
-
-
-def _drop_records_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      if json.loads(line)['step'] <= step:
-        kept.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass   # a line cut short by a kill
-  if len(kept) != len(lines):
-    workdir_lib.write_atomically(path, ''.join(kept))
-
-
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. some test runners)
-      pass
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint and stopping.')
-    self.requested = True
-
-  def agreed(self) -> bool:
-    # Every process must stop at the same step or the next collective hangs.
-    if jax.process_count() == 1:
-      return self.requested
-    flags = multihost_utils.process_allgather(np.array(self.requested))
-    return bool(np.any(flags))
-
-
-# ---------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------
 
@@ -354,7 +250,7 @@ def run(config, workdir: str, mode: str = 'train_and_eval', init_from: str | Non
     state = _initial_weights(config, state)
 
   train_fn, predict_fn = compile_steps(config, model, mesh, state_shardings)
-  writer = MetricWriter(workdir, config.train.total_steps,
+  writer = run_io.MetricWriter(workdir, config.train.total_steps,
                         resumed_step=None if mode == 'eval' else (step or 0))
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -393,7 +289,7 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
   _, schedule = make_optimizer(config)
   total = int(config.train.total_steps)
   start = int(jax.device_get(state.step))
-  preemption = _Preemption()
+  preemption = run_io.Preemption()
   # Made by a jitted function, not device_put: on several processes a global
   # replicated array cannot be built from one host's value by device_put.
   rng = jax.jit(lambda: step_rng, out_shardings=sharding.replicated(mesh))()

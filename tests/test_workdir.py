@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tavlo_jax import checkpointing, config_lib, train, workdir
+from tavlo_jax import checkpointing, config_lib, run_io, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_metrics_are_deduplicated_on_resume(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   lines = [json.dumps({'step': s, 'train/loss': float(s)}) for s in range(1, 8)]
   path.write_text('\n'.join(lines) + '\n{"step": 8, "tra')   # cut short by a kill
-  writer = train.MetricWriter(str(tmp_path), total_steps=10, resumed_step=5)
+  writer = run_io.MetricWriter(str(tmp_path), total_steps=10, resumed_step=5)
   writer.scalars(6, {'train/loss': 60.0})
   writer.close()
   records = [json.loads(l) for l in path.read_text().splitlines()]
