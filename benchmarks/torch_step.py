@@ -353,7 +353,9 @@ def report(info, times, peak, load_start, load_end):
   print('torch FLOPs: FlopCounterMode (matmuls/convolutions); jax: XLA cost '
         'analysis (all ops). torch/this > 1: this side is faster.')
   if FLAGS.json_out:
-    pathlib.Path(FLAGS.json_out).write_text(json.dumps(dict(
+    out = pathlib.Path(FLAGS.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(
         rows=rows, peak_tflops=peak, load_start=load_start,
         load_end=load_end), indent=1))
 
