@@ -12,7 +12,7 @@ Off-screen TN 93.0 (`peak_window` rule; 48.5 per-frame raw max), "Map sign:
 argmax on source 81.92%, argmin on source 5.25%",
 "Worst category: purple capsule (7), pointing 61.28% ..." (seed 0 is the
 weakest of seeds 0-4; README, Results). A run repeats exactly on one
-machine, not across CPUs: on a 2-core Xeon (AVX-512) seed 0 prints 80.4 /
+machine, not across CPUs: on a 2-core AMD EPYC (AVX-512) seed 0 prints 80.4 /
 85.0 / 85.0 / 85.2, Off-screen TN 91.9, worst category purple capsule 34.9%.
 TAVLO here has motion features (also per 4x4 patch), out-of-sync audio
 negatives, 16x16 maps, temporal attention over +-1 frame and each frame's
