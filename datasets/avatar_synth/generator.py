@@ -4,7 +4,7 @@ Every clip is a pure function of (config, split, index): the random generator
 is seeded with `[config.seed, crc32(split), index]`, so any clip can be
 regenerated alone, in any order, on any machine.
 
-The world (see /work/shared/spec/SYNTH.md and the README next to this file):
+The world (see the README next to this file):
 - K categories. Visual identity: a shape and a colour. Acoustic identity: a
   harmonic tone, a noise band or a percussive roll at a category-specific
   frequency. Visual action: hop, squash, flash or scale pulse.

@@ -2,7 +2,7 @@
 
 Inputs are 1-D arrays over the frames of one pool; outputs are fractions in
 [0, 1] (the evaluator turns them into percent). Each function states the
-exact rule the field uses (../shared/spec/METRICS.md) because off-by-one
+exact rule the field uses (as the peers' evaluators compute it) because off-by-one
 choices here (>= vs >, where the thresholds start) move published numbers.
 """
 

@@ -1,7 +1,7 @@
 """Per-frame localization metrics: pure, vectorised jnp on [..., H, W] maps.
 
 Every function works on any leading batch shape (usually [N, H, W]) and is
-jit-able; the definitions follow ../shared/spec/METRICS.md and each
+jit-able; the definitions follow the peers' evaluators (stated per function) and each
 convention that moves published numbers is a named argument. The dataset
 aggregates (means, AUC, TN%, AP...) live in `aggregates.py` and run on the
 host in float64; `reference.py` restates everything here as plain per-frame

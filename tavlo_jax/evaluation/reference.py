@@ -1,6 +1,6 @@
 """Plain float64 numpy restatement of metrics.py / aggregates.py, one frame at a time.
 
-Written from the definitions (../shared/spec/METRICS.md), not from the jnp
+Written from the metric definitions stated in metrics.py, not from the jnp
 code: loops, slices and sorts the way the peers' evaluators read. Used by the
 tests as the independent check and by benchmarks/eval_metrics.py as the
 "straightforward per-frame loop" baseline. Every function takes ONE frame
