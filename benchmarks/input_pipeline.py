@@ -138,14 +138,14 @@ def device_log_mel_clips_per_s(config):
 
 def resize_clips_per_s(config):
   import jax  # pylint: disable=g-import-not-at-top
-  from tavlo_jax.data import sampling  # pylint: disable=g-import-not-at-top
+  from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
   t, s = config.input.num_frames, config.input.image_size
   clip = np.random.default_rng(0).integers(0, 255, (t, 128, 128, 3),
                                            dtype=np.uint8)
   reps = 10
   t0 = time.perf_counter()
   for _ in range(reps):
-    sampling.resize_frames(clip, s, box=(3.0, 5.0, 120.0, 110.0))
+    clip_storage.resize_frames(clip, s, box=(3.0, 5.0, 120.0, 110.0))
   pil = reps / (time.perf_counter() - t0)
   resize = jax.jit(lambda x: jax.image.resize(
       x[:, 5:110, 3:120].astype(np.float32), (t, s, s, 3), 'bilinear'))

@@ -18,6 +18,7 @@ import pytest
 
 import grain
 from fixtures import fixture_builder as fb
+from tavlo_datasets import clip_storage
 from tavlo_jax import config_lib
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import augment as augment_lib
@@ -423,7 +424,7 @@ def test_pipeline_augments_whole_clips_and_not_eval(train_source, test_source):
   c.input.augment.color_jitter = 0.0      # jitter mixes channels; see above
   batches = take(pipeline.make_train_iterator(c, train_source, process_index=0,
                                               process_count=1), 2)
-  plain_ramp = sampling.resize_frames(
+  plain_ramp = clip_storage.resize_frames(
       np.broadcast_to(fb.GRADIENT[None, None, :, None],
                       (1, fb.HEIGHT, fb.WIDTH, 3)).astype(np.uint8), 16)[0, ..., 0]
   differs = 0

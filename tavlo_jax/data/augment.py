@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from tavlo_jax.data import sampling
+from tavlo_datasets import clip_storage
 
 # Luma weights (ITU-R 601), as PIL's 'L' conversion and torchvision use.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -163,7 +163,7 @@ def augment_video(frames: np.ndarray, rng: np.random.Generator, aug,
   """uint8 [T, H, W, 3] -> [T, S, S, 3]: crop+resize, flip, jitter per clip
   (all on the host, whatever `aug.color_jitter_on` says)."""
   box, flip = ClipGeometry(rng, aug)(frames.shape[1], frames.shape[2])
-  frames = sampling.resize_frames(frames, image_size, box)
+  frames = clip_storage.resize_frames(frames, image_size, box)
   if flip:
     frames = frames[:, :, ::-1]
   if aug.enabled:

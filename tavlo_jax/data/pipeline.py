@@ -305,7 +305,7 @@ class _EvalExample:
     record = self.source[window.record]
     clip = sampling.cut_clip(record, window.first_frame, self.config)
     out = {
-        'frames': sampling.resize_frames(clip.frames,
+        'frames': clip_storage.resize_frames(clip.frames,
                                          self.config.input.image_size),
         **_audio_outputs(clip.waveform, self.config),
         'valid': np.bool_(True),

@@ -69,11 +69,6 @@ def clip_frame_indices(first_frame: int, num_frames: int, frame_stride: int,
   return np.where(idx < num_stored, idx, -1).astype(np.int32)
 
 
-# Crop + bilinear resize of decoded frames (PIL); lives with the decoders,
-# which fuse it into the YUV->RGB conversion where they can.
-resize_frames = clip_storage.resize_frames
-
-
 def record_audio_params(record: Mapping[str, Any], config) -> tuple[float, int]:
   """(fps, sample_rate) of a record, checked against the config."""
   fps = float(np.asarray(record['fps']))
