@@ -2,12 +2,15 @@ r"""Frames/s of the AVATAR-protocol evaluation at 640x360: vectorised vs per-fra
 
     python benchmarks/eval_metrics.py [--frames=64] [--grid=8,8] [--loop_frames=32]
 
-Rates per wall second and per CPU-second (all threads of the process).
+Rates per wall second and per CPU-second (all threads of the process); the
+two sides of each row take turns (3 rounds of --repeats runs each), best run.
 
 Both paths do the same work per frame: upsample the raw map from the model
 grid to 640x360 (bilinear), min-max normalise, binarise at 0.1/0.15/0.2,
 cIoU against the GT mask and pIA (for the Off-screen TN rule), then the
-dataset aggregates (mean cIoU, AUC, TN%) on the host. The loop is
+dataset aggregates (mean cIoU, AUC, TN%) on the host; the GT is a bool mask
+per frame, as the evaluator passes it (weighted GT is the classic
+protocol's, at 224x224). The loop is
 tavlo_jax.evaluation.reference (float64 numpy, one frame at a time, resize
 matrices cached); the vectorised path is the jitted jnp code of
 tavlo_jax.evaluation on [N, H, W] batches already on the device (the eval
@@ -59,26 +62,31 @@ def reference_avatar(heat, gt):
 def make_data(n, grid, seed=0):
   rng = np.random.default_rng(seed)
   heat = np.tanh(rng.normal(size=(n,) + grid)).astype(np.float32)
-  gt = np.zeros((n,) + SIZE, np.float32)
+  gt = np.zeros((n,) + SIZE, bool)        # GT masks, as the eval batches carry them
   for i in range(n):
     y, x = rng.integers(0, 200), rng.integers(0, 400)
     gt[i, y:y + rng.integers(40, 160), x:x + rng.integers(40, 240)] = 1
   return heat, gt
 
 
-def timed(fn, repeats):
-  """Best wall seconds and best CPU seconds (all threads) of `repeats` runs.
+def timed(fns, repeats, rounds=3):
+  """Best wall seconds and best CPU seconds (all threads) of each fn.
 
-  CPU time is the fair measure on a shared machine: XLA spreads over every
-  core while the numpy loop uses one, and other jobs take cores from both.
+  The fns take turns for `rounds` rounds, each running `repeats` times back
+  to back (its steady state, as in an eval loop), so that both sides of a
+  ratio see the same machine: a VM's speed drifts by 2x over minutes. CPU
+  time is the fair measure on a shared machine: XLA spreads over every core
+  while the numpy loop uses one, and other jobs take cores from both.
   """
-  wall = cpu = float('inf')
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall = min(wall, time.perf_counter() - t0)
-    cpu = min(cpu, time.process_time() - c0)
-  return wall, cpu
+  best = [[float('inf')] * 2 for _ in fns]
+  for _ in range(rounds):
+    for b, fn in zip(best, fns):
+      for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        b[0] = min(b[0], time.perf_counter() - t0)
+        b[1] = min(b[1], time.process_time() - c0)
+  return [tuple(b) for b in best]
 
 
 def main():
@@ -99,9 +107,8 @@ def main():
   def vec():
     c, p = jax.device_get(avatar_protocol(d_heat, d_gt))
     return aggregate(c, p)
-  t_vec = timed(vec, args.repeats)
   m = min(args.loop_frames, args.frames)
-  t_loop = timed(lambda: reference_avatar(heat[:m], gt[:m]), max(1, args.repeats - 1))
+  t_vec, t_loop = timed([vec, lambda: reference_avatar(heat[:m], gt[:m])], args.repeats)
   # Same numbers from both paths (on the loop's frames).
   c, p = jax.device_get(avatar_protocol(d_heat[:m], d_gt[:m]))
   np.testing.assert_allclose(np.asarray(aggregate(c, p)),
@@ -112,10 +119,11 @@ def main():
   t0 = time.perf_counter()
   jax.block_until_ready(full_record(d_heat, d_gt, **kw))
   compile_full = time.perf_counter() - t0
-  t_full = timed(lambda: jax.device_get(full_record(d_heat, d_gt, **kw)), args.repeats)
   mf = max(1, m // 4)
-  t_full_loop = timed(lambda: [reference.frame_scores(heat[i], gt[i], SIZE, THRESHOLDS)
-                               for i in range(mf)], 1)
+  t_full, t_full_loop = timed(
+      [lambda: jax.device_get(full_record(d_heat, d_gt, **kw)),
+       lambda: [reference.frame_scores(heat[i], gt[i], SIZE, THRESHOLDS) for i in range(mf)]],
+      max(1, args.repeats // 2), rounds=2)
 
   rows = [('AVATAR protocol (3 thresholds, TN, AUC)',) + tuple(
               (args.frames / v, m / l) for v, l in zip(t_vec, t_loop)),

@@ -1,5 +1,6 @@
 """Golden (worked on paper) and reference-equality tests of the metric definitions."""
 
+import functools
 import math
 
 import jax
@@ -301,6 +302,59 @@ def test_frame_scores_match_float64_reference(method, grid):
     for k, v in want.items():
       np.testing.assert_allclose(A(got[k][i], np.float64), A(v, np.float64), atol=1e-5,
                                  err_msg=f'{k} frame {i}')
+
+
+@pytest.mark.parametrize('thresholds', [(0.1, 0.15, 0.2), (0.3,), (0.05, 0.5, 0.25, 0.9)])
+def test_fixed_threshold_scores_match_float64_reference(thresholds):
+  """The packed raw-map counts (two thresholds per pass, an odd one paired
+  with -inf) against the float64 loop, for 0/1 GT and, with weighted=True,
+  for weights; flat, all-zero and non-finite maps included."""
+  rng = np.random.default_rng(len(thresholds))
+  n, size = 9, (30, 52)
+  heat = np.tanh(rng.normal(size=(n, 5, 7))).astype(np.float32)
+  heat[0] = 0.5                                    # flat: p = 0.5 everywhere
+  heat[1] = 0.0                                    # flat zero: nothing above
+  heat[2, 1, 1] = np.nan                           # not finite: predicts nothing
+  binary = _blobs(rng, n, *size)
+  weights = binary * rng.choice([0.25, 0.5, 1.0], size=binary.shape).astype(np.float32)
+  up = metrics.upsample(heat, size)
+  for gt, weighted in ((binary, False), (weights, True)):
+    ciou, pia = (A(x) for x in jax.jit(functools.partial(
+        metrics.fixed_threshold_scores, thresholds=thresholds, weighted=weighted))(up, gt))
+    for i in range(n):
+      if i == 2:
+        assert ciou[i].tolist() == [0.0] * len(thresholds) and pia[i].tolist() == ciou[i].tolist()
+        continue
+      p = reference.normalize(reference.resize(heat[i], size, 'bilinear'))
+      np.testing.assert_allclose(ciou[i], [reference.ciou(p > t, gt[i]) for t in thresholds],
+                                 atol=1e-6, err_msg=f'frame {i}')
+      np.testing.assert_allclose(pia[i], [reference.pia(p > t) for t in thresholds], atol=1e-6)
+
+
+def test_fixed_threshold_scores_refuse_weights_unless_told():
+  """A GT that is not 0/1 cannot be packed: those frames score NaN (not a
+  wrong number) unless weighted=True; 0/1 frames of the batch are unaffected."""
+  heat = np.tanh(np.random.default_rng(0).normal(size=(2, 4, 4))).astype(np.float32)
+  gt = np.zeros((2, 16, 16), np.float32)
+  gt[:, 4:10, 4:10] = 1
+  gt[1, 5, 5] = 0.5
+  ciou, _ = metrics.fixed_threshold_scores(metrics.upsample(heat, (16, 16)), gt, (0.1, 0.2))
+  assert np.isfinite(A(ciou[0])).all() and np.isnan(A(ciou[1])).all()
+
+
+@pytest.mark.parametrize('interpolation', ['bilinear', 'nearest'])
+@pytest.mark.parametrize('grid,size', [((8, 8), (360, 640)), ((4, 6), (36, 64)),
+                                       ((7, 7), (224, 224)), ((3, 3), (3, 3))])
+def test_upsampled_range_is_the_full_maps_min_and_max(interpolation, grid, size):
+  """Extremes from the corner rows and columns of each bilinear cell equal
+  the full upsampled map's (to float rounding), including maps whose
+  extreme sits at a clamped border."""
+  heat = np.random.default_rng(1).normal(size=(5,) + grid).astype(np.float32)
+  heat[0, 0, 0] = 9.0                              # the border cell holds the max
+  up = A(metrics.upsample(heat, size, interpolation))
+  lo, hi = (A(x) for x in metrics.upsampled_range(heat, size, interpolation))
+  np.testing.assert_allclose(lo, up.min(axis=(1, 2)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(hi, up.max(axis=(1, 2)), rtol=1e-6, atol=1e-6)
 
 
 def test_sounding_silent_margin_by_hand():

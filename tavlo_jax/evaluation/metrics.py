@@ -19,6 +19,7 @@ Conventions (all recorded in the results JSON by the evaluator):
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -115,6 +116,83 @@ def _resize(s, size, method):
   wy = _resize_matrix(h, out_h, method)
   wx = _resize_matrix(w, out_w, method)
   return jnp.einsum('yi,...ij,xj->...yx', wy, s, wx, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_ends(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
+  """Output indices where a piecewise-linear resize can reach its extremes:
+  the first and last index of each run of rows with the same input support.
+  Between two input centres a bilinear (or nearest) output is linear in the
+  output index, so a run's extremes are at its ends."""
+  with jax.ensure_compile_time_eval():     # concrete weights, also under jit
+    w = np.asarray(_resize_matrix(n_in, n_out, interpolation)) != 0
+  change = np.any(w[1:] != w[:-1], axis=1)
+  return np.flatnonzero(np.concatenate([[True], change]) | np.concatenate([change, [True]]))
+
+
+def upsampled_range(s, size: Sequence[int], interpolation: str = 'bilinear'):
+  """(min, max) of upsample(s, size, interpolation) per map, [...] each.
+
+  For 'bilinear' and 'nearest' the upsampled map is bilinear (or constant)
+  on each rectangle between input centres, so its extremes lie at the
+  rectangles' corner pixels: the map is computed on those rows and columns
+  only (a few hundred pixels instead of H x W). Values agree with the full
+  map's up to float rounding. Other interpolations compute the full map.
+  """
+  s = jnp.asarray(s, jnp.float32)
+  (h, w), (out_h, out_w) = s.shape[-2:], tuple(int(v) for v in size)
+  if interpolation not in ('bilinear', 'nearest') or out_h < h or out_w < w:
+    up = upsample(s, size, interpolation)
+    return up.min(axis=(-2, -1)), up.max(axis=(-2, -1))
+  rows = _segment_ends(h, out_h, interpolation)
+  cols = _segment_ends(w, out_w, interpolation)
+  wy = _resize_matrix(h, out_h, interpolation)[rows]
+  wx = _resize_matrix(w, out_w, interpolation)[cols]
+  corners = jnp.einsum('yi,...ij,xj->...yx', wy, s, wx, precision=jax.lax.Precision.HIGHEST)
+  return corners.min(axis=(-2, -1)), corners.max(axis=(-2, -1))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_blocks(n_in: int, n_out: int, interpolation: str):
+  """A bilinear/nearest resize as blocks of output pixels that share their two
+  input neighbours: (j0, j1, frac, block) with out[b * block + k] =
+  in[j0[b]] * (1 - frac[b, k]) + in[j1[b]] * frac[b, k]."""
+  with jax.ensure_compile_time_eval():
+    w = np.asarray(_resize_matrix(n_in, n_out, interpolation), np.float64)
+  j0 = np.argmax(w != 0, axis=1)
+  j1 = np.minimum(j0 + 1, n_in - 1)
+  frac = np.where(j1 != j0, w[np.arange(n_out), j1], 0.0)
+  runs = np.diff(np.flatnonzero(np.concatenate([[1], np.diff(j0), [1]])))
+  block = int(np.gcd.reduce(runs))
+  return j0[::block], j1[::block], frac.reshape(-1, block).astype(np.float32), block
+
+
+# Below this many pixels per block the broadcast form is no faster than the dot.
+_MIN_BLOCK = 8
+
+
+def upsample_fused(s, size: Sequence[int], interpolation: str = 'bilinear'):
+  """`upsample`, written so that XLA can fuse it into its consumers.
+
+  Along the width a bilinear (or nearest) upsample reads two input columns
+  per output pixel, the same two for runs of pixels; when those runs share
+  a block length of at least _MIN_BLOCK (e.g. 40 pixels for 8 -> 640), the
+  map is a broadcast of per-block values times fixed fractions, an
+  element-wise expression that a consumer computes on the fly instead of
+  reading a materialised H x W map. The same values as `upsample` to float
+  rounding; other cases are `upsample` itself.
+  """
+  s = jnp.asarray(s, jnp.float32)
+  (h, w), (out_h, out_w) = s.shape[-2:], tuple(int(v) for v in size)
+  if interpolation not in ('bilinear', 'nearest') or out_w < w or out_h < h:
+    return upsample(s, size, interpolation)
+  j0, j1, frac, block = _linear_blocks(w, out_w, interpolation)
+  if block < _MIN_BLOCK:
+    return upsample(s, size, interpolation)
+  rows = jnp.einsum('yi,...ij->...yj', _resize_matrix(h, out_h, interpolation), s,
+                    precision=jax.lax.Precision.HIGHEST)
+  up = rows[..., j0, None] * (1.0 - frac) + rows[..., j1, None] * frac
+  return up.reshape(rows.shape[:-1] + (out_w,))
 
 
 # ---- binarisation ------------------------------------------------------------
@@ -340,6 +418,120 @@ def scores_above_thresholds(p, gt, thresholds: Sequence[float]):
   return ciou_t, above / (p.shape[-2] * p.shape[-1])
 
 
+# ---- fixed thresholds on the raw upsampled map (the AVATAR protocol's hot path)
+
+# A 0/1 step without compare/select: XLA:CPU emits compare-and-select
+# reductions as scalar loops (several times slower than arithmetic), while
+# max/mul/min fuse into its vectorised reductions and dots. Any positive
+# float32 difference of normal numbers times 2**126 is >= 1; inf is clipped.
+_STEP_GAIN = 2.0**126
+
+
+def _step(x):
+  """1.0 where x > 0, else 0.0 (NaN stays NaN; callers mask non-finite maps)."""
+  return jnp.minimum(jnp.maximum(x, 0.0) * _STEP_GAIN, 1.0)
+
+
+def raw_thresholds(lo, hi, thresholds: Sequence[float]):
+  """Per map, the raw value above which min-max-normalised p exceeds each t.
+
+  p > t  <=>  s > lo + t (hi - lo) (exactly so in real numbers; float32 can
+  move a pixel within rounding of the threshold, as computing p can). A
+  FLAT map normalises to hi everywhere (see `normalize`), so its rule is
+  hi > t: -inf (every pixel) or +inf (none). lo, hi: [...]; -> [..., T].
+  """
+  t = jnp.asarray(thresholds, jnp.float32)
+  lo, hi = lo[..., None], hi[..., None]
+  span = hi - lo
+  flat = span <= FLAT_RTOL * jnp.maximum(jnp.abs(hi), jnp.abs(lo))
+  return jnp.where(flat, jnp.where(hi > t, -jnp.inf, jnp.inf), lo + t * span)
+
+
+def _counts_above_raw(up, thr, gt):
+  """Per threshold t: (#{up > t}, sum(gt * [up > t])) -> two [..., T'], exact
+  for a 0/1 gt (for any other gt the second is meaningless). T' = T rounded
+  up to even: an odd T gets a last column for t = -inf (H * W, sum(gt)).
+
+  Two thresholds share one pass: a pixel contributes [up > t0] + B [up > t1]
+  (B a power of two above the row width); rows are summed (a plain sum and
+  a dot with the GT: XLA:CPU's fastest reductions) and the two digits split
+  per row, where the sums are still exact integers in float32. An odd
+  threshold pairs with -inf, whose counts are known.
+  """
+  width = up.shape[-1]
+  base = float(2 ** int(np.ceil(np.log2(width + 1))))
+  if width * (base + 1) >= 2**24:
+    raise ValueError(f'maps {up.shape[-2:]}: rows wider than 4095 pixels are not supported')
+  n = thr.shape[-1]
+  if n % 2:
+    thr = jnp.concatenate([thr, jnp.full(thr.shape[:-1] + (1,), -jnp.inf, thr.dtype)], -1)
+  above, inter = [], []
+  for i in range(0, n, 2):
+    w = (_step(up - thr[..., i, None, None])
+         + base * _step(up - thr[..., i + 1, None, None]))
+    for rows, out in ((w.sum(-1), above),
+                      (jnp.einsum('...yx,...yx->...y', w, gt,
+                                  precision=jax.lax.Precision.HIGHEST), inter)):
+      high = jnp.floor(rows / base)
+      out += [(rows - base * high).sum(-1), high.sum(-1)]
+  return jnp.stack(above, axis=-1), jnp.stack(inter, axis=-1)
+
+
+def fixed_threshold_scores(up, gt, thresholds: Sequence[float], lo=None, hi=None,
+                           weighted: bool = False):
+  """(cIoU, pIA) of p > t for each t, from raw upsampled maps up [N, H, W]
+  (p = normalize(up)) and the GT gt [N, H, W] (bool masks, or float): two
+  [N, T] arrays.
+
+  The numbers of `scores_above_thresholds(normalize(up), gt, ...)` up to
+  pixels within float rounding of a threshold, in a few passes: the
+  thresholds move to the raw map (`raw_thresholds`) and, for a 0/1 GT, the
+  counts are packed two thresholds per pass (`_counts_above_raw`). A frame
+  whose GT is not 0/1 then scores NaN rather than a wrong number; GT with
+  weights in [0, 1] (Flickr's consensus) needs weighted=True (one pass per
+  threshold). A map that is not finite predicts nothing. lo, hi [N]: the
+  maps' min and max if the caller has them.
+  """
+  up = jnp.asarray(up, jnp.float32)
+  gt = jnp.asarray(gt)
+  is_mask = gt.dtype == jnp.bool_            # 0/1 by its type: nothing to check
+  # One buffer for every pass over the GT (in a chunk loop XLA would
+  # otherwise slice it once per consumer); a bool mask is 4x fewer bytes.
+  gt = jax.lax.optimization_barrier(gt).astype(jnp.float32)
+  lo = up.min(axis=(-2, -1)) if lo is None else lo
+  hi = up.max(axis=(-2, -1)) if hi is None else hi
+  thr = raw_thresholds(lo, hi, thresholds)
+  # Sums go rows first, then over rows: XLA:CPU reduces rows several times
+  # faster than whole maps.
+  total = lambda x: x.sum(axis=-1).sum(axis=-1)
+  row_dot = lambda a, b: jnp.einsum('...yx,...yx->...y', a, b,
+                                    precision=jax.lax.Precision.HIGHEST)
+  n = len(thresholds)
+  if weighted:
+    gt_sum = total(gt)
+    steps = [_step(up - thr[..., i, None, None]) for i in range(thr.shape[-1])]
+    on_gt = _step(gt)
+    above, inter, on_above = (jnp.stack([f(s) for s in steps], axis=-1) for f in
+                              (total, lambda s: row_dot(s, gt).sum(-1),
+                               lambda s: row_dot(s, on_gt).sum(-1)))
+  else:
+    above, inter = _counts_above_raw(up, thr, gt)
+    # An odd number of thresholds leaves sum(gt) in the -inf column for free.
+    gt_sum = inter[..., n] if n % 2 else total(gt)
+    above, inter = above[..., :n], inter[..., :n]
+    on_above = inter
+  # A map with NaN or inf has no meaningful min-max; it predicts nothing.
+  finite = (jnp.isfinite(lo) & jnp.isfinite(hi))[..., None]
+  above, inter, on_above = (jnp.where(finite, x, 0.0) for x in (above, inter, on_above))
+  union = gt_sum[..., None] + above - on_above
+  ciou_t = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+  if not (weighted or is_mask):
+    # g - g * g is 0 exactly for g in {0, 1} and positive for 0 < g < 1.
+    binary = total(jnp.abs(gt - gt * gt)) == 0
+    ciou_t = jnp.where(binary[..., None], ciou_t, jnp.nan)
+  return ciou_t, above / (up.shape[-2] * up.shape[-1])
+
+
 # Frames evaluated at once: 8 maps of 640x360 float32 (7 MB) stay close to
 # the cache, a whole batch does not, and on a CPU these passes are bound by
 # memory bandwidth (BENCHMARKS.md, "Evaluation metrics").
@@ -360,16 +552,25 @@ def over_frame_chunks(fn, *arrays, chunk: int = CHUNK_FRAMES):
   return jax.tree.map(lambda y: y.reshape((padded,) + y.shape[2:])[:n], out)
 
 
+# Pixels per chunk of the fixed-threshold scores: their few passes each
+# touch the chunk's maps once, which stays fastest at about 1M pixels (four
+# 640x360 frames; BENCHMARKS.md, "Evaluation metrics").
+FIXED_CHUNK_PIXELS = 1 << 20
+
+
 def avatar_protocol(s, gt, thresholds: Sequence[float],
                     interpolation: str = 'bilinear'):
-  """AVATAR's fixed-threshold scores of raw maps s [N, h, w] against gt
-  [N, H, W]: upsample to (H, W), min-max normalise, p > t: (cIoU, pIA), each
-  [N, len(thresholds)]. Evaluated CHUNK_FRAMES frames at a time."""
+  """AVATAR's fixed-threshold scores of raw maps s [N, h, w] against 0/1 GT
+  masks gt [N, H, W]: upsample to (H, W), min-max normalise, p > t: (cIoU,
+  pIA), each [N, len(thresholds)] (`fixed_threshold_scores`; a frame whose
+  GT is not 0/1 scores NaN). Evaluated about 1M pixels at a time."""
   size = gt.shape[-2:]
   def scores(s, gt):
-    return scores_above_thresholds(normalize(upsample(s, size, interpolation)),
-                                   gt, thresholds)
-  return over_frame_chunks(scores, s, gt)
+    lo, hi = upsampled_range(s, size, interpolation)
+    return fixed_threshold_scores(upsample_fused(s, size, interpolation), gt, thresholds,
+                                  lo, hi)
+  return over_frame_chunks(scores, s, gt,
+                           chunk=max(1, FIXED_CHUNK_PIXELS // (size[0] * size[1])))
 
 
 def ciou_above_thresholds(p, gt, thresholds: Sequence[float]):

@@ -58,9 +58,10 @@ FIELDS = {
 
 
 def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str,
-                 with_oracle: bool = True, silent=None) -> dict:
-  """Scores of N frames: heatmap [N, h, w] raw cosine, gt [N, H, W] weights;
-  silent [N, H, W]: the visible silent instances (None: silent_margin NaN).
+                 with_oracle: bool = True, silent=None, weighted: bool = False) -> dict:
+  """Scores of N frames: heatmap [N, h, w] raw cosine, gt [N, H, W] 0/1 masks
+  (weights in [0, 1] with weighted=True); silent [N, H, W]: the visible
+  silent instances (None: silent_margin NaN).
 
   Every score is per frame; they are computed metrics.CHUNK_FRAMES frames at
   a time, which keeps the full-size maps near the cache. (The silent margin
@@ -70,7 +71,7 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
   out = metrics.over_frame_chunks(
       lambda h, g: _frame_scores(h, g, thresholds=thresholds,
                                  interpolation=interpolation,
-                                 with_oracle=with_oracle), heatmap, gt)
+                                 with_oracle=with_oracle, weighted=weighted), heatmap, gt)
   if silent is None:
     out['silent_margin'] = jnp.full(out['gt_pixels'].shape, jnp.nan)
   else:
@@ -82,7 +83,7 @@ def frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str
 
 
 def _frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: str,
-                  with_oracle: bool) -> dict:
+                  with_oracle: bool, weighted: bool) -> dict:
   size = gt.shape[-2:]
   finite = jnp.isfinite(heatmap).all(axis=(-2, -1))
   heatmap = jnp.where(finite[:, None, None], heatmap, 0.0)   # keep NaN out of sorts
@@ -91,8 +92,10 @@ def _frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: st
   a = (up + 1.0) / 2.0
   k = metrics.gt_pixels(gt)
   point_dy, point_dx, hit_1cell = metrics.pointing_offset(up, gt, heatmap.shape[-2:])
-  # avatar_fixed (p > t) at every threshold, one pass per threshold.
-  ciou_fixed, pia_fixed = metrics.scores_above_thresholds(p, gt, thresholds)
+  raw_max, raw_min = up.max(axis=(-2, -1)), up.min(axis=(-2, -1))
+  # avatar_fixed (p > t) at every threshold, on the raw map in packed passes.
+  ciou_fixed, pia_fixed = metrics.fixed_threshold_scores(
+      up, gt, thresholds, raw_min, raw_max, weighted=weighted)
   out = {
       'gt_pixels': k,
       'ciou': ciou_fixed,
@@ -105,8 +108,8 @@ def _frame_scores(heatmap, gt, *, thresholds: Sequence[float], interpolation: st
       'hit': metrics.pointing_hit(up, gt),
       'min_hit': metrics.pointing_min_hit(up, gt),
       'hit_1cell': hit_1cell, 'point_dy': point_dy, 'point_dx': point_dx,
-      'raw_max': up.max(axis=(-2, -1)),
-      'raw_min': up.min(axis=(-2, -1)),
+      'raw_max': raw_max,
+      'raw_min': raw_min,
       'raw_mean': metrics.map_mean(up),
       'confidence': metrics.confidence(a),
       'finite': finite,
@@ -134,11 +137,12 @@ def batch_records(heatmap, batch, *, thresholds, interpolation, size, with_oracl
     votes = jnp.maximum(batch['gt_votes'].reshape(b * t), 1).astype(jnp.float32)
     gt = jnp.minimum(counts / votes[:, None, None], 1.0)
   else:
-    gt = (counts > 0).astype(jnp.float32)
+    gt = counts > 0          # a bool mask: the fixed-threshold counts pack it
   silent = ((frame_masks(batch['any_mask']) > 0) & (gt == 0)) if 'any_mask' in batch else None
   out = frame_scores(heatmap.astype(jnp.float32).reshape((b * t,) + heatmap.shape[2:]),
                      gt, thresholds=thresholds,
-                     interpolation=interpolation, with_oracle=with_oracle, silent=silent)
+                     interpolation=interpolation, with_oracle=with_oracle, silent=silent,
+                     weighted='gt_votes' in batch)
   frame = lambda x: x.reshape((b * t,) + x.shape[2:])
   out['clip_index'] = frame(jnp.broadcast_to(batch['clip_index'][:, None], (b, t)))
   out['frame_index'] = frame(batch['frame_index'])
