@@ -290,6 +290,7 @@ class _ScaledRgb:
   def __init__(self, size: int, geometry):
     self.size, self.geometry, self.box, self.flip = int(size), geometry, None, False
     self.scale, self.to_rgb = VideoReformatter(), VideoReformatter()
+    self.cropped = self.targets = None
 
   def __call__(self, frame: av.VideoFrame) -> np.ndarray:
     if frame.format.name != 'yuv420p':
@@ -298,14 +299,20 @@ class _ScaledRgb:
       box, self.flip = (self.geometry(frame.height, frame.width)
                         if self.geometry else (None, False))
       self.box = even_box(box, frame.height, frame.width)
+      x0, y0, x1, y1 = self.box
+      # One frame for the crops of the whole clip (swscale reads it and
+      # writes a new frame), and numpy views of its planes' box areas.
+      self.cropped = av.VideoFrame(x1 - x0, y1 - y0, 'yuv420p')
+      self.targets = [
+          np.frombuffer(dst, np.uint8).reshape(-1, dst.line_size)[
+              :(y1 - y0) // step, :(x1 - x0) // step]
+          for dst, step in zip(self.cropped.planes, (1, 2, 2))]
     x0, y0, x1, y1 = self.box
-    cropped = av.VideoFrame(x1 - x0, y1 - y0, 'yuv420p')
-    for k, (src, dst) in enumerate(zip(frame.planes, cropped.planes)):
-      step = 1 if k == 0 else 2
+    cropped = self.cropped
+    for src, out, step in zip(frame.planes, self.targets, (1, 2, 2)):
       rows = np.frombuffer(src, np.uint8).reshape(-1, src.line_size)
       part = rows[y0 // step:y1 // step, x0 // step:x1 // step]
-      out = np.frombuffer(dst, np.uint8).reshape(-1, dst.line_size)
-      out[:part.shape[0], :part.shape[1]] = part[:, ::-1] if self.flip else part
+      out[...] = part[:, ::-1] if self.flip else part
     scaled = self.scale.reformat(cropped, self.size, self.size,
                                  interpolation=Interpolation.BILINEAR,
                                  threads=1)
