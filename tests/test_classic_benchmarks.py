@@ -317,6 +317,23 @@ def test_an_unbuilt_benchmark_is_skipped_with_its_build_command(tmp_path):
   assert 'not built' in why and 'python -m tavlo_datasets.build vggss --config=default' in why
 
 
+def test_an_unbuilt_benchmark_is_logged_once_per_run(tmp_path, caplog, capsys):
+  """Skipping an unbuilt test set is logged at the first evaluation of a run,
+  not at every intermediate one; the final evaluation says it again."""
+  config = config_lib.load_config_file('configs/paper.py:real')
+  with config.unlocked():
+    config.dataset.data_dir = str(tmp_path / 'tfds')
+    config.evals = {'vggss': config.evals.vggss}
+  def evaluate(final):
+    return runner.evaluate(config, tmp_path / 'run', None, None, None, None, None,
+                           step=1, final=final)
+  with caplog.at_level('WARNING'):
+    assert evaluate(False) is None and evaluate(False) is None and evaluate(True) is None
+  skips = [r for r in caplog.records if 'Skipping config.evals vggss' in r.getMessage()]
+  assert len(skips) == 1 and 'not built' in skips[0].getMessage()
+  assert capsys.readouterr().out.count('Skipped config.evals vggss') == 1
+
+
 @pytest.mark.slow
 def test_paper_real_runlocal_prints_the_three_tables(tmp_path):
   """Builds all four datasets from fixtures, trains 4 steps, evaluates."""

@@ -85,6 +85,10 @@ def scored_dataset(config) -> str:
   return f'{d.name}/{d.builder_config}'.rstrip('/')
 
 
+# (workdir, eval names, reason) of the skips already logged in this process.
+_SKIPS_WARNED = set()
+
+
 def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: int,
              final: bool) -> dict:
   """Scores every group of `config.evals` (eval_groups); returns the run's own
@@ -101,7 +105,10 @@ def evaluate(config, workdir, state, predict_fn, data, mesh, writer, *, step: in
     other, why = input_data.eval_only_data(config, dataset)
     if other is None or not other.has_split(split):
       why = why or f'{dataset} has no split {split!r}'
-      logging.warning('Skipping config.evals %s: %s', ', '.join(names), why)
+      # Once per run and reason, not at every intermediate evaluation.
+      if (str(workdir), tuple(names), why) not in _SKIPS_WARNED:
+        _SKIPS_WARNED.add((str(workdir), tuple(names), why))
+        logging.warning('Skipping config.evals %s: %s', ', '.join(names), why)
       if final:
         print(f'\nSkipped config.evals {", ".join(names)}: {why}', flush=True)
       continue
