@@ -20,11 +20,18 @@ this config than the disk, so nothing is moved and the run stops with one line.
 A checkpoint of a different model or optimizer (other array names or shapes
 in its metadata) is refused before any array is read, and a save that cannot
 fit on the disk is refused before Orbax writes anything.
+
+Every step Orbax finished gets a list of its files and their sizes
+(`tavlo_files.json`, written by process 0 at the next save, wait or close),
+and a restore checks it first: a file missing or cut short is found before
+Orbax reads anything (its restore, failing half-way, would leave reads in
+flight that print tracebacks of their own).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 
@@ -38,6 +45,7 @@ from orbax.checkpoint import path as ocp_path
 
 COMMIT_MARKER = ocp_path.atomicity.COMMIT_SUCCESS_FILE
 DAMAGED_INFIX = '.damaged-'
+FILE_LIST = 'tavlo_files.json'
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +77,14 @@ class Checkpointer:
     args = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    self._list_finished_steps()   # Orbax finished the previous save first
+    return saved
+
+  def _list_finished_steps(self):
+    if jax.process_index() == 0:
+      for step in complete_steps(self.directory):
+        write_file_list(os.path.join(self.directory, str(step)))
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -85,7 +100,10 @@ class Checkpointer:
     """
     unreadable = []   # (step, one-line reason), newest first
     for step in reversed(self.all_steps()):
-      reason = state_mismatch(self.directory, step, abstract_state)
+      # The file list first: even reading Orbax's metadata of a step with a
+      # missing file leaves reads in flight.
+      reason = (file_list_mismatch(os.path.join(self.directory, str(step)))
+                or state_mismatch(self.directory, step, abstract_state))
       if reason is None:
         args = {'state': ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
@@ -117,9 +135,11 @@ class Checkpointer:
 
   def wait(self):
     self.manager.wait_until_finished()
+    self._list_finished_steps()
 
   def close(self):
     self.manager.wait_until_finished()
+    self._list_finished_steps()
     self.manager.close()
 
 
@@ -184,6 +204,55 @@ def init_params_from(directory: str, state, abstract_state):
   logging.info('Initialised the parameters from step %d of %s (optimiser fresh, '
                'step 0).', step, directory)
   return state.replace(**restored)
+
+
+def write_file_list(step_dir: str) -> None:
+  """Records the files of a step Orbax finished and their sizes, once.
+
+  Atomic (a temporary file renamed), so a kill leaves either no list (the
+  step is then checked by Orbax alone, as before lists existed) or a whole
+  one. A step that disappears meanwhile (Orbax dropping old steps in the
+  background) is skipped.
+  """
+  target = os.path.join(step_dir, FILE_LIST)
+  if os.path.exists(target):
+    return
+  try:
+    files = {}
+    for root, _, names in os.walk(step_dir):
+      for name in names:
+        path = os.path.join(root, name)
+        rel = os.path.relpath(path, step_dir)
+        if not rel.startswith(FILE_LIST):
+          files[rel] = os.path.getsize(path)
+    tmp = target + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(dict(sorted(files.items())), f, indent=0)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, target)
+  except OSError as e:
+    logging.info('No file list for %s (%s)', step_dir, _one_line(e))
+
+
+def file_list_mismatch(step_dir: str) -> str | None:
+  """Why a step's files differ from the list written when it was finished
+  (one line), or None when they match or the step has no list."""
+  path = os.path.join(step_dir, FILE_LIST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      files = json.load(f)
+  except (OSError, ValueError) as e:
+    return f'has an unreadable {FILE_LIST} ({_one_line(e)})'
+  for rel, size in files.items():
+    where = os.path.join(step_dir, rel)
+    if not os.path.exists(where):
+      return f'is missing its file {rel}'
+    if os.path.getsize(where) != size:
+      return f'has {rel} at {os.path.getsize(where)} bytes, {size} when it was saved'
+  return None
 
 
 def complete_steps(directory: str) -> list[int]:

@@ -131,6 +131,26 @@ def test_a_damaged_step_is_renamed_never_deleted_and_a_kill_during_it_is_safe(tm
   assert (tmp_path / '6.damaged-1').is_dir()
 
 
+def test_a_steps_file_list_finds_missing_and_cut_files(tmp_path):
+  _fake_step(tmp_path, 3)
+  step = tmp_path / '3'
+  assert checkpointing.file_list_mismatch(str(step)) is None        # no list: Orbax decides
+  checkpointing.write_file_list(str(step))
+  listed = json.loads((step / checkpointing.FILE_LIST).read_text())
+  assert listed['state/data'] == 10 and checkpointing.FILE_LIST not in listed
+  assert checkpointing.file_list_mismatch(str(step)) is None
+  (step / 'state' / 'data').write_bytes(b'x' * 4)
+  assert checkpointing.file_list_mismatch(str(step)) == (
+      'has state/data at 4 bytes, 10 when it was saved')
+  (step / 'state' / 'data').unlink()
+  assert checkpointing.file_list_mismatch(str(step)) == 'is missing its file state/data'
+  (step / checkpointing.FILE_LIST).write_text('{"state/da')          # cut short
+  assert 'unreadable' in checkpointing.file_list_mismatch(str(step))
+  # Written once: a later call does not bless a damaged step.
+  checkpointing.write_file_list(str(step))
+  assert 'unreadable' in checkpointing.file_list_mismatch(str(step))
+
+
 def test_orbax_does_not_take_a_set_aside_folder_for_a_step(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _fake_step(tmp_path, 3)
