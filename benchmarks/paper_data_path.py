@@ -480,19 +480,31 @@ def main(argv):
   # scale only).
   variants = []
   # And the opt-in clip starts on key frames (nothing decoded before a clip).
+  # Then one read thread: a core's own rate (on a host, a worker process per
+  # core; two threads on this machine's two cores also contend for them).
+  from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   for label, settings in (('colour jitter on the host',
                            dict(color_jitter_on='host')),
                           ('no augmentation', dict(enabled=False)),
                           ('clips start on key frames (opt-in)',
-                           dict(clip_starts='key_frames'))):
+                           dict(clip_starts='key_frames')),
+                          ('one read thread', dict(read_threads=1)),
+                          ('one read thread, clips start on key frames',
+                           dict(read_threads=1, clip_starts='key_frames'))):
     c = copy.deepcopy(config)
+    threads = pipeline.READ_THREADS
     for key, value in settings.items():
       if key == 'clip_starts':
         c.input[key] = value
+      elif key == 'read_threads':
+        pipeline.READ_THREADS = value
       else:
         c.input.augment[key] = value
-    row = pipeline_rate(c, source, 0, FLAGS.batches,
-                        split_records=FLAGS.split_records)
+    try:
+      row = pipeline_rate(c, source, 0, FLAGS.batches,
+                          split_records=FLAGS.split_records)
+    finally:
+      pipeline.READ_THREADS = threads
     row['variant'] = label
     variants.append(row)
     print(f"| 0, {label} | {row['clips_per_cpu_s']:.1f} | "
