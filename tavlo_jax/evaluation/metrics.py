@@ -119,52 +119,52 @@ def _resize(s, size, method):
 
 
 @functools.lru_cache(maxsize=None)
-def _segment_ends(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
-  """Output indices where a piecewise-linear resize can reach its extremes:
-  the first and last index of each run of rows with the same input support.
-  Between two input centres a bilinear (or nearest) output is linear in the
-  output index, so a run's extremes are at its ends."""
+def _linear_runs(n_in: int, n_out: int, interpolation: str):
+  """A bilinear (or nearest) resize along one axis, from its weights:
+  out[i] = in[j0[i]] (1 - frac[i]) + in[j1[i]] frac[i], and `runs`, the
+  lengths of the runs of outputs that share j0 (back to back from 0). Within
+  a run the output is constant, then linear in i: its extremes are at the
+  run's ends."""
   with jax.ensure_compile_time_eval():     # concrete weights, also under jit
-    w = np.asarray(_resize_matrix(n_in, n_out, interpolation)) != 0
-  change = np.any(w[1:] != w[:-1], axis=1)
-  return np.flatnonzero(np.concatenate([[True], change]) | np.concatenate([change, [True]]))
+    w = np.asarray(_resize_matrix(n_in, n_out, interpolation), np.float64)
+  j0 = np.argmax(w != 0, axis=1)
+  j1 = np.minimum(j0 + 1, n_in - 1)
+  frac = np.where(j1 != j0, w[np.arange(n_out), j1], 0.0).astype(np.float32)
+  runs = np.diff(np.flatnonzero(np.concatenate([[1], np.diff(j0), [1]])))
+  return j0, j1, frac, runs
+
+
+def _is_linear_upsample(interpolation: str, size_in, size_out) -> bool:
+  """Each output pixel mixes at most its two nearest inputs along each axis."""
+  return (interpolation in ('bilinear', 'nearest')
+          and all(o >= i for i, o in zip(size_in, size_out)))
+
+
+def _run_ends(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
+  """The first and last output index of every run (see `_linear_runs`)."""
+  runs = _linear_runs(n_in, n_out, interpolation)[3]
+  starts = np.concatenate([[0], np.cumsum(runs)[:-1]])
+  return np.unique(np.concatenate([starts, starts + runs - 1]))
 
 
 def upsampled_range(s, size: Sequence[int], interpolation: str = 'bilinear'):
   """(min, max) of upsample(s, size, interpolation) per map, [...] each.
 
   For 'bilinear' and 'nearest' the upsampled map is bilinear (or constant)
-  on each rectangle between input centres, so its extremes lie at the
+  on each rectangle of runs (`_linear_runs`), so its extremes lie at the
   rectangles' corner pixels: the map is computed on those rows and columns
   only (a few hundred pixels instead of H x W). Values agree with the full
   map's up to float rounding. Other interpolations compute the full map.
   """
   s = jnp.asarray(s, jnp.float32)
   (h, w), (out_h, out_w) = s.shape[-2:], tuple(int(v) for v in size)
-  if interpolation not in ('bilinear', 'nearest') or out_h < h or out_w < w:
+  if not _is_linear_upsample(interpolation, (h, w), (out_h, out_w)):
     up = upsample(s, size, interpolation)
     return up.min(axis=(-2, -1)), up.max(axis=(-2, -1))
-  rows = _segment_ends(h, out_h, interpolation)
-  cols = _segment_ends(w, out_w, interpolation)
-  wy = _resize_matrix(h, out_h, interpolation)[rows]
-  wx = _resize_matrix(w, out_w, interpolation)[cols]
+  wy = _resize_matrix(h, out_h, interpolation)[_run_ends(h, out_h, interpolation)]
+  wx = _resize_matrix(w, out_w, interpolation)[_run_ends(w, out_w, interpolation)]
   corners = jnp.einsum('yi,...ij,xj->...yx', wy, s, wx, precision=jax.lax.Precision.HIGHEST)
   return corners.min(axis=(-2, -1)), corners.max(axis=(-2, -1))
-
-
-@functools.lru_cache(maxsize=None)
-def _linear_blocks(n_in: int, n_out: int, interpolation: str):
-  """A bilinear/nearest resize as blocks of output pixels that share their two
-  input neighbours: (j0, j1, frac, block) with out[b * block + k] =
-  in[j0[b]] * (1 - frac[b, k]) + in[j1[b]] * frac[b, k]."""
-  with jax.ensure_compile_time_eval():
-    w = np.asarray(_resize_matrix(n_in, n_out, interpolation), np.float64)
-  j0 = np.argmax(w != 0, axis=1)
-  j1 = np.minimum(j0 + 1, n_in - 1)
-  frac = np.where(j1 != j0, w[np.arange(n_out), j1], 0.0)
-  runs = np.diff(np.flatnonzero(np.concatenate([[1], np.diff(j0), [1]])))
-  block = int(np.gcd.reduce(runs))
-  return j0[::block], j1[::block], frac.reshape(-1, block).astype(np.float32), block
 
 
 # Below this many pixels per block the broadcast form is no faster than the dot.
@@ -175,23 +175,26 @@ def upsample_fused(s, size: Sequence[int], interpolation: str = 'bilinear'):
   """`upsample`, written so that XLA can fuse it into its consumers.
 
   Along the width a bilinear (or nearest) upsample reads two input columns
-  per output pixel, the same two for runs of pixels; when those runs share
-  a block length of at least _MIN_BLOCK (e.g. 40 pixels for 8 -> 640), the
-  map is a broadcast of per-block values times fixed fractions, an
-  element-wise expression that a consumer computes on the fly instead of
-  reading a materialised H x W map. The same values as `upsample` to float
-  rounding; other cases are `upsample` itself.
+  per output pixel, the same two for runs of pixels (`_linear_runs`); when
+  the runs share a block length of at least _MIN_BLOCK (e.g. 40 pixels for
+  8 -> 640), the map is a broadcast of per-block values times fixed
+  fractions, an element-wise expression that a consumer computes on the fly
+  instead of reading a materialised H x W map. The same values as
+  `upsample` to float rounding; other cases are `upsample` itself.
   """
   s = jnp.asarray(s, jnp.float32)
   (h, w), (out_h, out_w) = s.shape[-2:], tuple(int(v) for v in size)
-  if interpolation not in ('bilinear', 'nearest') or out_w < w or out_h < h:
+  if not _is_linear_upsample(interpolation, (h, w), (out_h, out_w)):
     return upsample(s, size, interpolation)
-  j0, j1, frac, block = _linear_blocks(w, out_w, interpolation)
+  j0, j1, frac, runs = _linear_runs(w, out_w, interpolation)
+  block = int(np.gcd.reduce(runs))
   if block < _MIN_BLOCK:
     return upsample(s, size, interpolation)
   rows = jnp.einsum('yi,...ij->...yj', _resize_matrix(h, out_h, interpolation), s,
                     precision=jax.lax.Precision.HIGHEST)
-  up = rows[..., j0, None] * (1.0 - frac) + rows[..., j1, None] * frac
+  frac = frac.reshape(-1, block)
+  up = (rows[..., j0[::block], None] * (1.0 - frac)
+        + rows[..., j1[::block], None] * frac)
   return up.reshape(rows.shape[:-1] + (out_w,))
 
 
@@ -463,8 +466,7 @@ def _counts_above_raw(up, thr, gt):
   Two thresholds share one pass: a pixel contributes [up > t0] + B [up > t1]
   (B a power of two above the row width); rows are summed (a plain sum and
   a dot with the GT: XLA:CPU's fastest reductions) and the two digits split
-  per row, where the sums are still exact integers in float32. An odd
-  threshold pairs with -inf, whose counts are known.
+  per row, where the sums are still exact integers in float32.
   """
   width = up.shape[-1]
   base = float(2 ** int(np.ceil(np.log2(width + 1))))
