@@ -192,7 +192,9 @@ def init_params_from(directory: str, state, abstract_state):
     raise CheckpointError(f'--init_from: no complete checkpoint in {directory}')
   step = steps[-1]
   path = os.path.join(directory, str(step), 'state')
-  mismatch = state_mismatch(directory, step, abstract_state, parts=('params', 'batch_stats'))
+  mismatch = (file_list_mismatch(os.path.join(directory, str(step)))
+              or state_mismatch(directory, step, abstract_state,
+                                parts=('params', 'batch_stats')))
   if mismatch:
     raise CheckpointError(f'--init_from: checkpoint step {step} in {directory} {mismatch}')
   target = {'params': abstract_state.params}
@@ -344,8 +346,13 @@ def restore_weights(step_dir: str, sharding) -> dict:
   whatever mesh or device kind it was saved from, onto `sharding`; the
   optimizer state and the data iterator stay on disk. Reads only: unlike a
   `Checkpointer` it never cleans up the folder, so it is safe on a run that
-  is still training. Raises KeyError when the step holds no params.
+  is still training. Raises KeyError when the step holds no params, and
+  CheckpointError when its files differ from its file list (before Orbax
+  reads anything).
   """
+  damaged = file_list_mismatch(step_dir)
+  if damaged:
+    raise CheckpointError(f'checkpoint {step_dir} {damaged}')
   path = os.path.join(step_dir, 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   meta = checkpointer.metadata(path).item_metadata.tree

@@ -226,6 +226,8 @@ def restore_variables(step_dir: str) -> tuple[dict, int]:
     restored = checkpointing.restore_weights(step_dir, device)
   except KeyError as e:
     raise RunError(f'{step_dir}/state: {e.args[0]}') from None
+  except checkpointing.CheckpointError as e:
+    raise RunError(str(e)) from None
   except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore errors
     raise RunError(f'{step_dir}/state: cannot restore the checkpoint '
                    f'({type(e).__name__}: {str(e).splitlines()[0][:300]})') from None

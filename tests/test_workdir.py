@@ -151,6 +151,20 @@ def test_a_steps_file_list_finds_missing_and_cut_files(tmp_path):
   assert 'unreadable' in checkpointing.file_list_mismatch(str(step))
 
 
+def test_every_reader_of_a_step_checks_its_file_list_first(tmp_path):
+  """Loading weights (localize, evaluate) and --init_from refuse a step whose
+  files differ from its list, with the reason, before Orbax reads anything
+  (these fake steps hold no Orbax data at all)."""
+  _fake_step(tmp_path, 3)
+  checkpointing.write_file_list(str(tmp_path / '3'))
+  (tmp_path / '3' / 'state' / 'data').unlink()
+  with pytest.raises(checkpointing.CheckpointError, match='is missing its file state/data'):
+    checkpointing.restore_weights(str(tmp_path / '3'), None)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'--init_from: checkpoint step 3 .* is missing its file state/data'):
+    checkpointing.init_params_from(str(tmp_path), None, None)
+
+
 def test_orbax_does_not_take_a_set_aside_folder_for_a_step(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _fake_step(tmp_path, 3)
