@@ -15,11 +15,14 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
    against the mp4s', and builder clips per CPU-second; the frames decoded
    for one random T=16 clip and their cost.
 3. Training pipeline (`configs/paper.py:real`: 224 px, T=16, 128 mels,
-   augmentation on, log-mel and colour jitter on the device: the pipeline
-   ships waveforms, and frames with their jitter factors)
+   augmentation on, log-mel, colour jitter and YUV->RGB on the device: the
+   pipeline ships waveforms, and 4:2:0 frames with their jitter factors;
+   clips start on key frames)
    for each --workers count: clips per CPU-second of this process and its
    grain workers together (the machine may be shared: CPU time, not wall
-   time, is the per-core rate), and wall clips/s beside it. With
+   time, is the per-core rate), and wall clips/s beside it. Then the
+   VARIANTS (one choice of the config undone each), alternately, --rounds
+   times each. With
    --first_round, three data paths alternately, --rounds times each, every
    run in a fresh process (0 workers): the first encoded-storage round's
    (whole RGB frames, PIL crop + resize, float64 jitter on the host),
@@ -66,7 +69,8 @@ flags.DEFINE_list('codecs', ['h264:25', 'h264:25:8', 'h264:23', 'jpeg:85',
                   'jpeg:<quality>; the first one feeds the pipeline rows')
 flags.DEFINE_bool('first_round', True, 'also measure the first-round data '
                   'path (host jitter, PIL resize), alternately with today\'s')
-flags.DEFINE_integer('rounds', 3, 'alternations of the first-round rows')
+flags.DEFINE_integer('rounds', 3, 'alternations of the variant and '
+                     'first-round rows')
 flags.DEFINE_list('workers', ['0', '1', '2'], 'grain worker counts')
 flags.DEFINE_integer('batches', 6, 'timed batches per pipeline row')
 flags.DEFINE_integer('split_records', 10000, 'records the pipeline rows see: '
@@ -348,18 +352,37 @@ def rate_in_fresh_process(config, data_dir: str, batches: int,
                        path, FLAGS.split_records).result()
 
 
+# The pipeline rows' variants: configs/paper.py:real's data path with one of
+# its choices undone. `read_threads`: grain's read threads in the process.
+VARIANTS = (
+    ('as configured: 4:2:0 frames, clips on key frames', {}),
+    ('clips start at any frame', dict(clip_starts='any')),
+    ('RGB frames from the host', dict(frame_format='rgb')),
+    ('RGB frames, clips start at any frame (the previous defaults)',
+     dict(frame_format='rgb', clip_starts='any')),
+    ('RGB frames, colour jitter on the host',
+     dict(frame_format='rgb', color_jitter_on='host')),
+    ('no augmentation', dict(enabled=False)),
+    ('one read thread', dict(read_threads=1)),
+    ('one read thread, clips start at any frame',
+     dict(read_threads=1, clip_starts='any')),
+)
+
+
 # Stages of the per-example work: (label, file suffix or '', function name);
 # each is the cumulative time of the function that does it.
 PROFILE_STAGES = (
     ('read record (array_record + TFDS deserialise)', '', '__getitem__'),
     ('H.264 decode (libavcodec, incl. frames before the first used)', '~',
      "<method 'decode' of 'av.codec.context.CodecContext' objects>"),
-    ('crop + flip copy of the YUV box, swscale scale + YUV->RGB',
-     'clip_storage.py', '__call__'),
+    ('crop + flip copy of the YUV box, swscale scale (+ YUV->RGB for RGB '
+     'frames)', 'clip_storage.py', '__call__'),
+    ('4:2:0 planes into the clip arrays', '', 'copy_yuv420_planes'),
     ('YUV->RGB of whole frames (first round)', 'clip_storage.py', '_to_rgb'),
     ('crop + resize to 224 (PIL, first round)', '', 'resize_frames'),
     ('colour jitter (numpy float64, first round)', '', 'color_jitter'),
-    ('audio window (FLAC) + SpecAugment masks', '', '_audio_outputs'),
+    ('audio window (FLAC decode)', '', 'waveform_window'),
+    ('SpecAugment masks', '', '_audio_outputs'),
 )
 
 
@@ -458,8 +481,8 @@ def main(argv):
   codec = FLAGS.codecs[0]
   source = builds[codec][0].as_data_source('train')
   print(f'\n## training pipeline, configs/paper.py:real (224 px, T=16, '
-        f'128 mels, augmentation on, log-mel and colour jitter on the '
-        f'device), records '
+        f'128 mels, augmentation on, log-mel, colour jitter and YUV->RGB on '
+        f'the device, clips on key frames), records '
         f'{codec}, host batch {FLAGS.batch_size}; the {len(source)} fixture '
         f'records seen as a split of {FLAGS.split_records} (RepeatedSource)')
   print('| grain workers | clips per CPU-s (process + workers) | clips/s wall '
@@ -475,41 +498,40 @@ def main(argv):
           f"{row['wall_s']:.1f} |", flush=True)
   results['pipeline'] = rows
   per_core = max(r['clips_per_cpu_s'] for r in rows)
-  # What the augmentation costs: the same pipeline (0 workers) with the
-  # colour jitter on the host, and without any augmentation (a full-frame
-  # scale only).
-  variants = []
-  # And the opt-in clip starts on key frames (nothing decoded before a clip).
-  # Then one read thread: a core's own rate (on a host, a worker process per
-  # core; two threads on this machine's two cores also contend for them).
+  # The defaults' parts, each undone in turn (0 workers), alternating over
+  # --rounds (the load of a shared machine drifts): rates from the summed
+  # CPU and wall time of the rounds.
   from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  for label, settings in (('colour jitter on the host',
-                           dict(color_jitter_on='host')),
-                          ('no augmentation', dict(enabled=False)),
-                          ('clips start on key frames (opt-in)',
-                           dict(clip_starts='key_frames')),
-                          ('one read thread', dict(read_threads=1)),
-                          ('one read thread, clips start on key frames',
-                           dict(read_threads=1, clip_starts='key_frames'))):
-    c = copy.deepcopy(config)
-    threads = pipeline.READ_THREADS
-    for key, value in settings.items():
-      if key == 'clip_starts':
-        c.input[key] = value
-      elif key == 'read_threads':
-        pipeline.READ_THREADS = value
-      else:
-        c.input.augment[key] = value
-    try:
-      row = pipeline_rate(c, source, 0, FLAGS.batches,
-                          split_records=FLAGS.split_records)
-    finally:
-      pipeline.READ_THREADS = threads
-    row['variant'] = label
+  runs = {label: [] for label, _ in VARIANTS}
+  for _ in range(FLAGS.rounds):
+    for label, settings in VARIANTS:
+      c = copy.deepcopy(config)
+      threads = pipeline.READ_THREADS
+      for key, value in settings.items():
+        if key == 'read_threads':
+          pipeline.READ_THREADS = value
+        elif key in c.input:
+          c.input[key] = value
+        else:
+          c.input.augment[key] = value
+      try:
+        runs[label].append(pipeline_rate(c, source, 0, FLAGS.batches,
+                                         split_records=FLAGS.split_records))
+      finally:
+        pipeline.READ_THREADS = threads
+  variants = []
+  for label, _ in VARIANTS:
+    cpu = sum(r['cpu_s'] for r in runs[label])
+    wall = sum(r['wall_s'] for r in runs[label])
+    clips = FLAGS.batches * FLAGS.batch_size * len(runs[label])
+    row = dict(variant=label, clips_per_cpu_s=clips / cpu,
+               clips_per_wall_s=clips / wall, cpu_s=cpu, wall_s=wall,
+               per_round=[r['clips_per_cpu_s'] for r in runs[label]])
     variants.append(row)
-    print(f"| 0, {label} | {row['clips_per_cpu_s']:.1f} | "
-          f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
-          f"{row['wall_s']:.1f} |", flush=True)
+    spread = '-'.join(f'{min(row["per_round"]):.0f} {max(row["per_round"]):.0f}'.split())
+    print(f"| 0, {label} ({len(runs[label])} alternating runs: {spread}) | "
+          f"{row['clips_per_cpu_s']:.1f} | {row['clips_per_wall_s']:.1f} | "
+          f"{cpu:.1f} | {wall:.1f} |", flush=True)
   results['pipeline_variants'] = variants
 
   if FLAGS.first_round:

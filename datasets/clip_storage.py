@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 import io
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import av
 from av.video.reformatter import Interpolation
@@ -273,26 +273,26 @@ def even_box(box, height: int, width: int) -> tuple[int, int, int, int]:
   return (x0, y0, max(x1, x0 + 2), max(y1, y0 + 2))
 
 
-class _ScaledRgb:
+class _ScaledYuv:
   """YUV frame -> its crop box scaled to size x size (mirrored if asked), as
-  uint8 RGB: no full-size RGB frame and no resize of one.
+  a yuv420p av.VideoFrame: no full-size RGB frame and no resize of one.
 
   `geometry(height, width)` -> (box or None for the whole frame, flip), asked
   once, with the first frame's size; the box is snapped to even pixels
   (`even_box`) so that the crop copies whole chroma samples. Per frame: one
   copy of the box's Y, U, V (mirrored there, where a flip is a byte-wise
-  reversal), swscale's bilinear scaling in YUV, then its unscaled YUV->RGB
-  conversion. (Scaling straight to RGB took ~3x the CPU on this path: its
-  vertical filter for packed RGB output is not vectorised; and it was
-  further from PIL's bilinear: benchmarks/paper_data_path.py, BENCHMARKS.md.)
+  reversal), then swscale's bilinear scaling in YUV. (Scaling straight to
+  RGB took ~3x the CPU on this path: its vertical filter for packed RGB
+  output is not vectorised; and it was further from PIL's bilinear:
+  benchmarks/paper_data_path.py, BENCHMARKS.md.)
   """
 
   def __init__(self, size: int, geometry):
     self.size, self.geometry, self.box, self.flip = int(size), geometry, None, False
-    self.scale, self.to_rgb = VideoReformatter(), VideoReformatter()
+    self.scale = VideoReformatter()
     self.cropped = self.targets = None
 
-  def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+  def __call__(self, frame: av.VideoFrame) -> av.VideoFrame:
     if frame.format.name != 'yuv420p':
       raise ValueError(f'a {frame.format.name} frame, expected yuv420p')
     if self.box is None:
@@ -308,16 +308,64 @@ class _ScaledRgb:
               :(y1 - y0) // step, :(x1 - x0) // step]
           for dst, step in zip(self.cropped.planes, (1, 2, 2))]
     x0, y0, x1, y1 = self.box
-    cropped = self.cropped
     for src, out, step in zip(frame.planes, self.targets, (1, 2, 2)):
       rows = np.frombuffer(src, np.uint8).reshape(-1, src.line_size)
       part = rows[y0 // step:y1 // step, x0 // step:x1 // step]
       out[...] = part[:, ::-1] if self.flip else part
-    scaled = self.scale.reformat(cropped, self.size, self.size,
-                                 interpolation=Interpolation.BILINEAR,
-                                 threads=1)
-    return self.to_rgb.reformat(scaled, format='rgb24',
+    return self.scale.reformat(self.cropped, self.size, self.size,
+                               interpolation=Interpolation.BILINEAR,
+                               threads=1)
+
+
+class _ScaledRgb(_ScaledYuv):
+  """`_ScaledYuv`, then swscale's unscaled YUV->RGB: uint8 RGB [S, S, 3]."""
+
+  def __init__(self, size: int, geometry):
+    super().__init__(size, geometry)
+    self.to_rgb = VideoReformatter()
+
+  def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+    return self.to_rgb.reformat(super().__call__(frame), format='rgb24',
                                 threads=1).to_ndarray()
+
+
+def copy_yuv420_planes(frame: av.VideoFrame, y: np.ndarray,
+                       uv: np.ndarray) -> None:
+  """A yuv420p frame's planes into Y [H, W] and UV [2, H/2, W/2]."""
+  h, w = y.shape
+  if (frame.height, frame.width) != (h, w):
+    raise ValueError(f'a {frame.height}x{frame.width} frame, expected {h}x{w}')
+  for p, out in zip(frame.planes, (y, uv[0], uv[1])):
+    rows = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)
+    out[...] = rows[:out.shape[0], :out.shape[1]]
+
+
+class Yuv420(NamedTuple):
+  """A clip's frames as 4:2:0 planes (BT.601, limited range: what x264 was
+  given and libswscale reads back); `augment.yuv420_to_rgb` converts them."""
+  y: np.ndarray    # uint8 [T, S, S]
+  uv: np.ndarray   # uint8 [T, 2, S/2, S/2]: U then V
+
+
+# Limited-range black: what padding slots hold (RGB 0 after conversion).
+_BLACK_Y, _BLACK_UV = 16, 128
+
+
+def rgb_to_yuv420(frames: np.ndarray) -> Yuv420:
+  """uint8 RGB [T, H, W, 3] (H, W even) -> Yuv420, by libswscale: the same
+  conversion a builder's x264 encoder is fed through (`encode_h264`)."""
+  t, h, w, _ = frames.shape
+  if h % 2 or w % 2:
+    raise ValueError(f'4:2:0 frames need an even size, got {h}x{w}')
+  out = Yuv420(np.empty((t, h, w), np.uint8),
+               np.empty((t, 2, h // 2, w // 2), np.uint8))
+  to_yuv = VideoReformatter()
+  for i, image in enumerate(frames):
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image),
+                                       format='rgb24')
+    copy_yuv420_planes(to_yuv.reformat(frame, format='yuv420p', threads=1),
+                       out.y[i], out.uv[i])
+  return out
 
 
 def _decode_jpeg(record, index: int) -> np.ndarray:
@@ -338,8 +386,12 @@ def _decode_jpeg(record, index: int) -> np.ndarray:
   return frame
 
 
+PIXEL_FORMATS = ('rgb24', 'yuv420p')
+
+
 def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
-                  size: int | None = None, geometry=None) -> np.ndarray:
+                  size: int | None = None, geometry=None,
+                  pixel_format: str = 'rgb24') -> np.ndarray | Yuv420:
   """uint8 [T, H, W, 3] frames at `frame_index`; black where it is -1.
 
   In the encoded layouts only these frames are decoded (each once, even if
@@ -353,9 +405,24 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
   (`_ScaledRgb`: the box on even pixels, swscale's bilinear); the other
   layouts decode whole frames and resize them with PIL (`resize_frames`:
   'raw' gives exactly what it gave before this option existed).
+
+  `pixel_format='yuv420p'` (needs an even `size`): the same frames as
+  `Yuv420` planes. 'h264' hands over the decoder's own planes, scaled, with
+  no RGB conversion on the host (`_ScaledYuv`); the other layouts convert
+  their RGB result (`rgb_to_yuv420`).
   """
+  if pixel_format not in PIXEL_FORMATS:
+    raise ValueError(f'pixel_format={pixel_format!r}; expected one of '
+                     f'{PIXEL_FORMATS}')
   frame_index = np.asarray(frame_index)
   storage = storage_of(record)
+  if pixel_format == 'yuv420p':
+    if size is None or int(size) % 2:
+      raise ValueError(f'4:2:0 frames are scaled to an even size; got '
+                       f'size={size}')
+    if storage != 'h264':
+      return rgb_to_yuv420(gather_frames(record, frame_index, size=size,
+                                         geometry=geometry))
   if size is not None and storage != 'h264':
     frames = gather_frames(record, frame_index)
     box, flip = geometry(*frames.shape[1:3]) if geometry else (None, False)
@@ -368,10 +435,17 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
     return out
   wanted = [int(i) for i in np.unique(frame_index[frame_index >= 0])]
   if storage == 'h264':
-    convert = _to_rgb if size is None else _ScaledRgb(size, geometry)
+    if size is None:
+      convert = _to_rgb
+    elif pixel_format == 'yuv420p':
+      convert = _ScaledYuv(size, geometry)
+    else:
+      convert = _ScaledRgb(size, geometry)
     decoded = _decode_h264(record, wanted or [0], convert)
   else:
     decoded = {i: _decode_jpeg(record, i) for i in wanted or [0]}
+  if pixel_format == 'yuv420p':
+    return _yuv420_slots(record, frame_index, decoded, int(size))
   if not wanted:   # every slot is padding: black frames of the stored size
     decoded = {-1: np.zeros_like(next(iter(decoded.values())))}
   shape = next(iter(decoded.values())).shape
@@ -383,6 +457,18 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
         raise ValueError(f'record {_name(record)}: frame {int(i)} is '
                          f'{frame.shape}, other frames {shape}')
       out[slot] = frame
+  return out
+
+
+def _yuv420_slots(record, frame_index, decoded, size: int) -> Yuv420:
+  """Yuv420 of the clip's slots from {stored index: scaled yuv420p frame};
+  padding slots black."""
+  t = len(frame_index)
+  out = Yuv420(np.full((t, size, size), _BLACK_Y, np.uint8),
+               np.full((t, 2, size // 2, size // 2), _BLACK_UV, np.uint8))
+  for slot, i in enumerate(frame_index):
+    if i >= 0:
+      copy_yuv420_planes(decoded[int(i)], out.y[slot], out.uv[slot])
   return out
 
 

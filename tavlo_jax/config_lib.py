@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                                           'key_frames' (H.264 segment starts: nothing decoded
   #                                           before the clip, but far fewer distinct clips)
   c.input.image_size = 64                   # frames are resized to this square size
+  c.input.frame_format = 'rgb'              # training frames shipped as 'rgb' (uint8) | 'yuv420'
+  #                                           (the decoder's 4:2:0 planes: half the bytes, no host
+  #                                           colour conversion; RGB in the step; even image_size,
+  #                                           colour jitter on the device)
   c.input.fps = 0.0                         # frames/s of the stored clips; 0 = from the dataset
   c.input.batch_size = 16                   # GLOBAL train batch (split over hosts/devices)
   c.input.eval_batch_size = 16              # GLOBAL eval batch; padded at the split's end

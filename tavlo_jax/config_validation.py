@@ -245,6 +245,7 @@ RULES: dict[str, Any] = {
     'input.shuffle_buffer_seed': _NONNEG,
     'input.max_instances': _POS,
     'input.clip_starts': Choice(_lazy('tavlo_jax.data.pipeline', 'CLIP_STARTS')),
+    'input.frame_format': Choice(_lazy('tavlo_jax.data.augment', 'FRAME_FORMATS')),
     'input.audio.sample_rate': _POS,
     'input.audio.columns_per_frame': _POS,
     'input.audio.block': Choice(_lazy('tavlo_jax.data.sampling', 'AUDIO_BLOCKS')),
@@ -376,6 +377,20 @@ def _crop_scale_ordered(c):
   return None
 
 
+def _yuv420_frames_usable(c):
+  i = c.input
+  if i.frame_format != 'yuv420':
+    return None
+  if i.image_size % 2:
+    return ('input.frame_format', f"'yuv420' needs an even image_size (one "
+            f'chroma sample per 2x2 pixels), got {i.image_size}')
+  a = i.augment
+  if a.enabled and a.color_jitter > 0 and a.color_jitter_on != 'device':
+    return ('input.frame_format', "'yuv420' frames are colour-jittered in the "
+            "step: set input.augment.color_jitter_on='device' (or 'rgb' frames)")
+  return None
+
+
 def _headline_threshold_listed(c):
   if c.eval.heatmap_threshold not in tuple(c.eval.heatmap_thresholds):
     return ('eval.heatmap_threshold',
@@ -401,7 +416,7 @@ def _model_builds(c):
 
 
 COMBINATIONS = (_stage_lists_match, _mel_band, _crop_scale_ordered,
-                _headline_threshold_listed, _one_filled_mesh_axis, _model_builds)
+                _yuv420_frames_usable, _headline_threshold_listed, _one_filled_mesh_axis, _model_builds)
 
 
 # ---------------------------------------------------------------------------

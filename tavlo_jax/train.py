@@ -127,7 +127,7 @@ def _model_audio(config, batch):
   return audio_lib.audio_features(batch, config)
 
 
-def _audio_shifts(config, batch, rng):
+def _audio_shifts(config, frames, rng):
   """{'audio_shifts': int [K, B]} for out-of-sync negatives, or {}.
 
   Each shift is at least the temporal window + 1 frames away from 0 on the
@@ -137,7 +137,7 @@ def _audio_shifts(config, batch, rng):
   k = config.loss.shifted_audio_negatives
   if not k:
     return {}
-  b, t = batch['frames'].shape[:2]
+  b, t = frames.shape[:2]
   window = config.model.temporal_window
   lo = window + 1 if 0 <= window < t // 2 else max(1, t // 4)
   if t - 2 * lo < 0:
@@ -161,7 +161,7 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
       mutable = ['batch_stats']
     out, updates = model.apply(variables, frames, audio, train=True,
                                mutable=mutable, rngs={'dropout': rng},
-                               **_audio_shifts(config, batch, rng))
+                               **_audio_shifts(config, frames, rng))
     loss, aux = losses.make_loss(config)(out)
     return loss, (aux, updates)
 

@@ -9,6 +9,7 @@ runs for both encoded layouts ('h264' segments, 'jpeg' frames).
 import io
 
 import av
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -20,6 +21,7 @@ from tavlo_datasets import media
 from tavlo_datasets.vggsound import Builder, VggsoundConfig
 from tavlo_jax import config_lib
 from tavlo_jax import input_data
+from tavlo_jax.data import augment as augment_lib
 from tavlo_jax.data import pipeline
 from tavlo_jax.data import sampling
 
@@ -203,6 +205,84 @@ def test_decoder_crops_scales_and_flips_like_pil(built, box, flip):
   if flip:
     unflipped = pil(clip_storage.even_box(box, 64, 114), mirrored=False)
     assert np.abs(got.astype(int) - unflipped).mean() > 4 * d.mean()
+
+
+@pytest.mark.parametrize('box,flip', [(None, False),
+                                      ((3.3, 5.6, 90.2, 60.9), True)])
+def test_yuv420_frames_are_the_rgb_frames_before_conversion(built, box, flip):
+  # 'yuv420p' hands over the planes the RGB path converts on the host;
+  # converted in the step (augment.yuv420_to_rgb, rounding) they are the
+  # host's frames (libswscale's fast path, truncating) within 3 levels.
+  builder, _ = built
+  record = builder.as_data_source('train')[0]
+  index = np.array([2, 3, 9, -1, 4])                 # one padding slot
+  geometry = lambda h, w: (box, flip)
+  rgb = clip_storage.gather_frames(record, index, size=56, geometry=geometry)
+  yuv = clip_storage.gather_frames(record, index, size=56, geometry=geometry,
+                                   pixel_format='yuv420p')
+  assert yuv.y.shape == (5, 56, 56) and yuv.uv.shape == (5, 2, 28, 28)
+  assert yuv.y.dtype == yuv.uv.dtype == np.uint8
+  converted = np.asarray(augment_lib.yuv420_to_rgb(yuv.y, yuv.uv))
+  assert converted.shape == rgb.shape and converted.dtype == np.uint8
+  np.testing.assert_array_equal(converted[3], 0)     # padding: black
+  d = np.abs(converted.astype(int) - rgb)
+  if builder.builder_config.frame_codec == 'h264':
+    # Measured: mean 1.07, max 3 (on the benchmark's 224 px frames: 1.16, 3).
+    assert d.max() <= 3 and d.mean() < 1.3, (d.max(), d.mean())
+  else:
+    # JPEG frames are RGB: the host converts them to 4:2:0 (what x264 is
+    # fed), which keeps one colour per 2x2 pixels: exact on luma-only
+    # detail, off at colour edges (measured: mean 1.6, max 13). The luma is
+    # kept up to rounding (measured: mean 0.33).
+    luma = lambda x: x.astype(float) @ [0.299, 0.587, 0.114]
+    assert np.abs(luma(converted) - luma(rgb)).mean() < 0.6
+  # A box 2 pixels off is far outside the conversion's error.
+  if box is not None:
+    x0, y0, x1, y1 = box
+    other = clip_storage.gather_frames(
+        record, index, size=56, geometry=lambda h, w: ((x0 + 2, y0, x1 + 2, y1), flip))
+    assert np.abs(converted.astype(int) - other).mean() > 2 * d.mean()
+
+
+def test_yuv420_needs_an_even_size(built):
+  builder, _ = built
+  record = builder.as_data_source('train')[0]
+  with pytest.raises(ValueError, match='even size'):
+    clip_storage.gather_frames(record, [0, 1], size=55, pixel_format='yuv420p')
+  with pytest.raises(ValueError, match='pixel_format'):
+    clip_storage.gather_frames(record, [0, 1], size=56, pixel_format='nv12')
+
+
+def test_yuv420_train_batches_carry_planes_the_step_converts(built):
+  # frame_format='yuv420': the same clips, crops, flips and jitter draws as
+  # 'rgb', shipped as planes (half the bytes) and made RGB in the step.
+  builder, _ = built
+  source = builder.as_data_source('train')
+  rgb_config = paper_like_config()
+  rgb_config.input.batch_size = 2
+  rgb_config.input.augment.color_jitter_on = 'device'
+  yuv_config = paper_like_config()
+  yuv_config.input.batch_size = 2
+  yuv_config.input.augment.color_jitter_on = 'device'
+  yuv_config.input.frame_format = 'yuv420'
+  rgb, yuv = (next(pipeline.make_train_iterator(c, source, process_index=0,
+                                                process_count=1))
+              for c in (rgb_config, yuv_config))
+  assert 'frames' not in yuv and 'frames_y' not in rgb
+  assert yuv['frames_y'].shape == (2, 8, 56, 56)
+  assert yuv['frames_uv'].shape == (2, 8, 2, 28, 28)
+  assert yuv['frames_y'].nbytes + yuv['frames_uv'].nbytes == rgb['frames'].nbytes // 2
+  for key in ('frame_index', 'color_factors', 'waveform', 'clip_index'):
+    np.testing.assert_array_equal(yuv[key], rgb[key])
+  step = jax.jit(augment_lib.frames_for_model)
+  got, want = np.asarray(step(yuv)), np.asarray(step(rgb))
+  assert got.shape == want.shape == (2, 8, 56, 56, 3)
+  d = np.abs(got.astype(int) - want)
+  if builder.builder_config.frame_codec == 'h264':
+    # Measured: mean 1.2, max 4 (the conversion's 3, +-1 at jitter ties).
+    assert d.max() <= 4 and d.mean() < 1.4, (d.max(), d.mean())
+  else:
+    assert d.mean() < 2.5, d.mean()        # 4:2:0 chroma of RGB frames: 1.8
 
 
 def test_clips_can_start_on_key_frames_only(built):

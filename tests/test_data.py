@@ -20,6 +20,7 @@ import grain
 from fixtures import fixture_builder as fb
 from tavlo_datasets import clip_storage
 from tavlo_jax import config_lib
+from tavlo_jax import config_validation
 from tavlo_jax.data import audio as audio_lib
 from tavlo_jax.data import augment as augment_lib
 from tavlo_jax.data import pipeline
@@ -383,6 +384,60 @@ def test_color_jitter_on_device_is_the_host_formula():
   assert (diff != 0).mean() < 1e-3
 
 
+def _yuv420_to_rgb_f64(y, uv):
+  """BT.601 limited range by the inverse of the RGB -> YCbCr matrix (the
+  forward definition, inverted in float64), chroma repeated over 2x2."""
+  kr, kb = 0.299, 0.114
+  kg = 1 - kr - kb
+  forward = np.array([[kr, kg, kb],
+                      [-kr / (2 - 2 * kb), -kg / (2 - 2 * kb), 0.5],
+                      [0.5, -kg / (2 - 2 * kr), -kb / (2 - 2 * kr)]])
+  ycc = np.stack([(y - 16.0) / 219.0,
+                  (uv[..., 0, :, :].repeat(2, -2).repeat(2, -1) - 128.0) / 224.0,
+                  (uv[..., 1, :, :].repeat(2, -2).repeat(2, -1) - 128.0) / 224.0],
+                 -1)
+  return 255.0 * ycc @ np.linalg.inv(forward).T
+
+
+def test_yuv420_to_rgb_is_the_bt601_inverse():
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 256, (3, 2, 8, 12), np.uint8)
+  uv = rng.integers(0, 256, (3, 2, 2, 4, 6), np.uint8)
+  got = np.asarray(jax.jit(augment_lib.yuv420_to_rgb)(y, uv))
+  assert got.shape == (3, 2, 8, 12, 3) and got.dtype == np.uint8
+  exact = _yuv420_to_rgb_f64(y.astype(float), uv.astype(float))
+  want = np.clip(np.round(exact), 0, 255)
+  diff = got.astype(int) - want
+  # float32 against float64: off by 1 only next to a rounding tie.
+  near_tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-3
+  assert np.abs(diff).max() <= 1 and not np.any((diff != 0) & ~near_tie)
+  # Limited-range black and white, and the chroma of one 2x2 block.
+  black = augment_lib.yuv420_to_rgb(np.full((2, 2), 16, np.uint8),
+                                    np.full((2, 1, 1), 128, np.uint8))
+  white = augment_lib.yuv420_to_rgb(np.full((2, 2), 235, np.uint8),
+                                    np.full((2, 1, 1), 128, np.uint8))
+  np.testing.assert_array_equal(black, 0)
+  np.testing.assert_array_equal(white, 255)
+
+
+def test_yuv420_frames_need_the_jitter_on_the_device():
+  c = small_config()
+  c.input.frame_format = 'yuv420'
+  c.input.augment.color_jitter_on = 'host'
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"frame_format.*color_jitter_on='device'"):
+    config_validation.validate(c)
+  c.input.augment.color_jitter_on = 'device'
+  config_validation.validate(c)
+  c.input.image_size = 63
+  with pytest.raises(config_validation.ConfigError, match='even image_size'):
+    config_validation.validate(c)
+  c.input.image_size = 64
+  c.input.frame_format = 'i420'
+  with pytest.raises(config_validation.ConfigError, match='frame_format'):
+    config_validation.validate(c)
+
+
 def test_color_jitter_on_device_uses_the_host_draws(train_source):
   c_host, c_dev, c_off = small_config(), small_config(), small_config()
   c_dev.input.augment.color_jitter_on = 'device'
@@ -407,15 +462,25 @@ def test_color_jitter_on_device_uses_the_host_draws(train_source):
 
 
 @pytest.mark.slow
-def test_paper_train_step_compiles_with_the_jitter_factors():
+@pytest.mark.parametrize('variant', ['runlocal', 'real+runlocal'])
+def test_paper_train_step_compiles_with_the_jitter_factors(variant):
   # configs/paper.py jitters on the device: its batches carry
   # `color_factors`, and the train step takes them (compiled, no data).
+  # On VGGSound's H.264 records (:real) frames come as 4:2:0 planes.
   from tavlo_jax import aot_compile  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(
-      str(pathlib.Path(__file__).parents[1] / 'configs/paper.py:runlocal'))
+      str(pathlib.Path(__file__).parents[1] / f'configs/paper.py:{variant}'))
   assert c.input.augment.color_jitter_on == 'device'
-  assert pipeline.train_batch_spec(c, 8.0)['color_factors'].shape == (
-      c.input.batch_size, 3)
+  spec = pipeline.train_batch_spec(c, 8.0)
+  b, t, s = c.input.batch_size, c.input.num_frames, c.input.image_size
+  assert spec['color_factors'].shape == (b, 3)
+  if variant == 'real+runlocal':
+    assert (c.input.frame_format, c.input.clip_starts) == ('yuv420', 'key_frames')
+    assert 'frames' not in spec
+    assert spec['frames_y'].shape == (b, t, s, s)
+    assert spec['frames_uv'].shape == (b, t, 2, s // 2, s // 2)
+  else:
+    assert spec['frames'].shape == (b, t, s, s, 3)
   aot_compile.compile_train_step(c, aot_compile.get_topology('cpu:1').devices)
 
 

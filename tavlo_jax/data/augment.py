@@ -108,12 +108,53 @@ def color_jitter_batch(frames, factors):
   return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
 
+# What a training batch carries its frames as (`config.input.frame_format`):
+# uint8 RGB, or the decoder's 4:2:0 planes ('frames_y', 'frames_uv': half
+# the bytes, and no colour conversion on the host), converted in the step.
+FRAME_FORMATS = ('rgb', 'yuv420')
+
+
+def pixel_format(frame_format: str) -> str:
+  """config.input.frame_format -> clip_storage's pixel format name."""
+  names = {'rgb': 'rgb24', 'yuv420': 'yuv420p'}
+  if frame_format not in names:
+    raise ValueError(f'config.input.frame_format={frame_format!r}; expected '
+                     f'one of {FRAME_FORMATS}')
+  return names[frame_format]
+
+
+def yuv420_to_rgb(y, uv):
+  """uint8 4:2:0 planes -> uint8 RGB, inside the jitted step (float32).
+
+  y [..., H, W], uv [..., 2, H/2, W/2] (U then V; BT.601 limited range, as
+  clip_storage.Yuv420) -> [..., H, W, 3]. Each chroma sample covers its 2x2
+  pixels, as in libswscale's own conversion of these frames; values are
+  rounded to nearest, where libswscale's fast path truncates, so the two
+  differ by about one level (at most 3, tests/test_clip_storage.py).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  kr, kg, kb = (float(k) for k in _LUMA)
+  luma = (y.astype(jnp.float32) - 16.0) * (255.0 / 219.0)
+  chroma = (uv.astype(jnp.float32) - 128.0) * (255.0 / 224.0)
+  chroma = jnp.repeat(jnp.repeat(chroma, 2, axis=-2), 2, axis=-1)
+  u, v = chroma[..., 0, :, :], chroma[..., 1, :, :]
+  rgb = jnp.stack([luma + 2 * (1 - kr) * v,
+                   luma - (2 * (1 - kb) * kb * u + 2 * (1 - kr) * kr * v) / kg,
+                   luma + 2 * (1 - kb) * u], axis=-1)
+  return jnp.clip(jnp.round(rgb), 0, 255).astype(jnp.uint8)
+
+
 def frames_for_model(batch):
-  """The clip frames a batch feeds the model: with `color_factors` (colour
-  jitter on the device) jittered here, inside the jitted step."""
+  """The uint8 RGB clip frames a batch feeds the model, inside the jitted
+  step: converted from 4:2:0 planes (`frame_format='yuv420'`), then with
+  `color_factors` (colour jitter on the device) jittered."""
+  if 'frames_y' in batch:
+    frames = yuv420_to_rgb(batch['frames_y'], batch['frames_uv'])
+  else:
+    frames = batch['frames']
   if 'color_factors' in batch:
-    return color_jitter_batch(batch['frames'], batch['color_factors'])
-  return batch['frames']
+    return color_jitter_batch(frames, batch['color_factors'])
+  return frames
 
 
 def augment_geometry(rng: np.random.Generator, height: int, width: int,
@@ -141,21 +182,31 @@ class ClipGeometry:
     return augment_geometry(self.rng, height, width, self.aug)
 
 
-def jitter_video(frames: np.ndarray, rng: np.random.Generator,
-                 aug) -> dict[str, np.ndarray]:
+def jitter_video(frames: np.ndarray | clip_storage.Yuv420,
+                 rng: np.random.Generator, aug) -> dict[str, np.ndarray]:
   """Cropped, resized, flipped frames -> {'frames'} colour-jittered on the
   host, or {'frames', 'color_factors'} (f32 [3]) to jitter on the device
-  (`aug.color_jitter_on`); the same draws from `rng` either way."""
+  (`aug.color_jitter_on`); the same draws from `rng` either way. 4:2:0
+  frames give {'frames_y', 'frames_uv'} instead of 'frames', and are only
+  jittered on the device (the host formula works on RGB)."""
   place = aug.color_jitter_on
   if place not in JITTER_PLACES:
     raise ValueError(f'config.input.augment.color_jitter_on={place!r}; '
                      f'expected one of {JITTER_PLACES}')
-  if aug.enabled and place == 'device' and aug.color_jitter > 0:
-    return {'frames': frames, 'color_factors': jitter_factors(
+  yuv = isinstance(frames, clip_storage.Yuv420)
+  pixels = ({'frames_y': frames.y, 'frames_uv': frames.uv} if yuv
+            else {'frames': frames})
+  jitter = aug.enabled and aug.color_jitter > 0
+  if jitter and place == 'device':
+    return {**pixels, 'color_factors': jitter_factors(
         rng, aug.color_jitter).astype(np.float32)}
+  if jitter and yuv:
+    raise ValueError("config.input.frame_format='yuv420' ships frames that "
+                     "the host cannot colour-jitter: set "
+                     "config.input.augment.color_jitter_on='device'")
   if aug.enabled:
-    frames = color_jitter(frames, rng, aug.color_jitter)
-  return {'frames': frames}
+    pixels['frames'] = color_jitter(frames, rng, aug.color_jitter)
+  return pixels
 
 
 def augment_video(frames: np.ndarray, rng: np.random.Generator, aug,

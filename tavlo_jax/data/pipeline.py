@@ -184,7 +184,8 @@ class _TrainExample:
     # the decoder crops, scales and flips as it converts to RGB.
     clip = sampling.cut_clip(
         record, first, config, size=config.input.image_size,
-        geometry=augment_lib.ClipGeometry(video_rng, aug))
+        geometry=augment_lib.ClipGeometry(video_rng, aug),
+        pixel_format=augment_lib.pixel_format(config.input.frame_format))
     spec_rng = audio_rng if aug.enabled else None
     return {
         **augment_lib.jitter_video(clip.frames, video_rng, aug),

@@ -84,18 +84,20 @@ def record_audio_params(record: Mapping[str, Any], config) -> tuple[float, int]:
 
 
 class Clip(NamedTuple):
-  frames: np.ndarray        # uint8 [T, H, W, 3] (stored or asked size)
+  frames: Any               # uint8 [T, H, W, 3] (stored or asked size) | Yuv420
   waveform: np.ndarray      # f32 [T*spf] the aligned audio window
   frame_index: np.ndarray   # i32 [T] stored-frame index, -1 = padding
   audio_start: int          # waveform sample where the window starts
 
 
 def cut_clip(record: Mapping[str, Any], first_frame: int, config, *,
-             size: int | None = None, geometry=None) -> Clip:
+             size: int | None = None, geometry=None,
+             pixel_format: str = 'rgb24') -> Clip:
   """The T frames from `first_frame` and their audio window (see top).
 
-  `size`, `geometry`: frames cropped, scaled (and flipped) while decoding
-  (`clip_storage.gather_frames`); size None: at the stored size.
+  `size`, `geometry`, `pixel_format`: frames cropped, scaled (and flipped)
+  while decoding (`clip_storage.gather_frames`); size None: at the stored
+  size. With 'yuv420p', `frames` is a `clip_storage.Yuv420`.
   """
   fps, sr = record_audio_params(record, config)
   t, s = config.input.num_frames, config.input.frame_stride
@@ -107,7 +109,8 @@ def cut_clip(record: Mapping[str, Any], first_frame: int, config, *,
   waveform = clip_storage.waveform_window(record, start, t * spf)
   # Decodes only the T frames of the clip (clip_storage.py).
   frames = clip_storage.gather_frames(record, frame_index, size=size,
-                                      geometry=geometry)
+                                      geometry=geometry,
+                                      pixel_format=pixel_format)
   return Clip(frames, waveform, frame_index, start)
 
 
