@@ -26,13 +26,14 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
    --first_round, three data paths alternately, --rounds times each, every
    run in a fresh process (0 workers): the first encoded-storage round's
    (whole RGB frames, PIL crop + resize, float64 jitter on the host),
-   today's with glibc's malloc defaults, and today's (PATHS). Then a
-   cProfile of the per-example work in one thread, first round and today:
-   what limits the rate.
+   today's with glibc's malloc defaults, and today's (PATHS). Then what
+   limits the rate: today's example in one thread with a timer around each
+   stage, and a cProfile of the first round's.
 4. Demand: clips/s one accelerator consumes at 40% MFU from the FLOPs per
    clip of the compiled paper train step (`tavlo_jax.aot_compile`, batch 2
    on this CPU; --gflop_per_clip skips the compile), and the host cores each
-   would need at the measured per-core rate.
+   would need at the best measured per-core rate, in-process and with grain
+   worker processes.
 """
 
 from __future__ import annotations
@@ -306,10 +307,24 @@ class RepeatedSource:
     return self.source[int(index) % len(self.source)]
 
 
+def wait_until_idle(poll_s: float = 0.25, timeout_s: float = 60.0) -> None:
+  """Returns once this process and its children have used (almost) no CPU
+  for `poll_s`. A grain iterator that is dropped keeps its prefetch threads
+  (and worker processes) running until their buffers are full: ~0.25 CPU-s
+  here, which the next measurement would otherwise be charged."""
+  end = time.monotonic() + timeout_s
+  while time.monotonic() < end:
+    before = cpu_seconds()
+    time.sleep(poll_s)
+    if cpu_seconds() - before < 0.02 * poll_s:
+      return
+
+
 def pipeline_rate(config, source, workers: int, batches: int,
                   path: str = 'today', split_records: int = 10000) -> dict:
   from unittest import mock  # pylint: disable=g-import-not-at-top
   from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  wait_until_idle()
   c = copy.deepcopy(config)
   c.input.num_workers = workers
   source = RepeatedSource(source, max(split_records, len(source)))
@@ -321,7 +336,7 @@ def pipeline_rate(config, source, workers: int, batches: int,
        mock.patch.object(pipeline, 'reuse_freed_memory', reuse):
     it = pipeline.make_train_iterator(c, source, process_index=0,
                                       process_count=1)
-    for _ in range(max(workers, 1) * c.input.prefetch + 1):   # steady state
+    for _ in range(max(6, workers * c.input.prefetch + 1)):   # steady state
       next(it)
     with Meter() as m:
       for _ in range(batches):
@@ -394,6 +409,7 @@ def profile_examples(config, source, first_round=False
   example = make(source, config, 0)
   n = FLAGS.profile_examples
   example((0, 0))
+  wait_until_idle()
   profiler = cProfile.Profile(time.process_time)   # CPU, not wall, time
   t0 = time.process_time()
   profiler.enable()
@@ -412,6 +428,60 @@ def profile_examples(config, source, first_round=False
   out = io.StringIO()
   pstats.Stats(profiler, stream=out).sort_stats('tottime').print_stats(12)
   return out.getvalue(), per_example_ms, shares
+
+
+def stage_times(config, source, n: int) -> tuple[float, dict]:
+  """CPU ms per example of today's path by stage, without a profiler (which
+  inflates Python-heavy stages several times): a timer around each stage's
+  function, `n` examples in one thread after a warm-up."""
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
+  from tavlo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  spent = {}
+
+  def timed(label, fn):
+    def wrapper(*args, **kwargs):
+      t0 = time.process_time()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        spent[label] = spent.get(label, 0.0) + time.process_time() - t0
+    return wrapper
+
+  convert_label = 'crop + flip copy of the YUV box, swscale scale (+ YUV->RGB)'
+  decode_h264 = clip_storage._decode_h264  # pylint: disable=protected-access
+
+  def decode(record, indices, convert=clip_storage._to_rgb):  # pylint: disable=protected-access
+    return decode_h264(record, indices, timed(convert_label, convert))
+
+  class Timed(RepeatedSource):
+    __getitem__ = timed('read record (array_record + TFDS deserialise)',
+                        RepeatedSource.__getitem__)
+
+  wait_until_idle()
+  with mock.patch.object(clip_storage, '_decode_h264',
+                         timed('H.264 decode + the stage below', decode)), \
+       mock.patch.object(clip_storage, 'waveform_window',
+                         timed('audio window (FLAC decode)',
+                               clip_storage.waveform_window)), \
+       mock.patch.object(clip_storage, 'copy_yuv420_planes',
+                         timed('4:2:0 planes into the clip arrays',
+                               clip_storage.copy_yuv420_planes)):
+    example = pipeline._TrainExample(Timed(source, 10000), config, 0)  # pylint: disable=protected-access
+    for i in range(8):
+      example((0, i * 7))
+    spent.clear()
+    t0 = time.process_time()
+    for i in range(n):
+      example((1 + i // 100, (i * 7) % 10000))
+    total = 1e3 * (time.process_time() - t0) / n
+  ms = {label: 1e3 * v / n for label, v in spent.items()}
+  decode_label = 'H.264 decode + the stage below'
+  ms['H.264 decode (libavcodec)'] = ms.pop(decode_label, 0.0) - ms.get(
+      convert_label, 0.0)
+  ms['everything else (Python, rng, SpecAugment masks, ...)'] = (
+      total - sum(ms.values()))
+  return total, ms
 
 
 # ---- 4. demand ----------------------------------------------------------------
@@ -497,7 +567,12 @@ def main(argv):
           f"{row['clips_per_wall_s']:.1f} | {row['cpu_s']:.1f} | "
           f"{row['wall_s']:.1f} |", flush=True)
   results['pipeline'] = rows
-  per_core = max(r['clips_per_cpu_s'] for r in rows)
+  # Demand at the best in-process rate, and at the best rate with grain
+  # worker processes (what a host runs; the main process's share included).
+  rates = {'in-process': [r['clips_per_cpu_s'] for r in rows
+                          if r['workers'] == 0],
+           'workers': [r['clips_per_cpu_s'] for r in rows if r['workers'] > 0]}
+  rates = {k: max(v) for k, v in rates.items() if v}
   # The defaults' parts, each undone in turn (0 workers), alternating over
   # --rounds (the load of a shared machine drifts): rates from the summed
   # CPU and wall time of the rounds.
@@ -554,7 +629,21 @@ def main(argv):
           clips_per_cpu_s=clips / cpu, clips_per_wall_s=clips / wall,
           runs=runs[path])
 
-  for first_round in ((True, False) if FLAGS.first_round else (False,)):
+  per_example_ms, stages = stage_times(config, source, FLAGS.profile_examples)
+  print(f'\n## what limits it: today\'s example alone in one thread, '
+        f'{FLAGS.profile_examples} examples, timers around its stages (no '
+        f'profiler): {per_example_ms:.1f} CPU ms per example (= '
+        f'{1e3 / per_example_ms:.0f} clips per CPU-s)')
+  print('| stage | CPU ms per example | share |')
+  print('|---|---|---|')
+  for label, ms in sorted(stages.items(), key=lambda kv: -kv[1]):
+    print(f'| {label} | {ms:.2f} | {100 * ms / per_example_ms:.0f}% |')
+  results['stages'] = dict(per_example_ms=per_example_ms, stages=stages)
+
+  # cProfile inflates Python-heavy stages several times over (today's record
+  # read: ~4 ms profiled, 0.8 ms timed): the first round only, whose costs
+  # are in PIL and numpy.
+  for first_round in ((True,) if FLAGS.first_round else ()):
     text, per_example_ms, shares = profile_examples(config, source,
                                                     first_round)
     name = 'first-round path' if first_round else 'today\'s path'
@@ -572,21 +661,23 @@ def main(argv):
         per_example_ms=per_example_ms, stages=shares)
 
   gflop, gflop_source = gflop_per_clip()
+  rate_text = ', '.join(f'{v:.1f} {k}' for k, v in rates.items())
   print(f'\n## demand at {100 * FLAGS.mfu:.0f}% MFU: {gflop:.1f} GFLOP per '
-        f'clip ({gflop_source}); host cores at {per_core:.1f} clips per '
-        'CPU-s (the best row above)')
-  print('| accelerator | dense bf16 TFLOP/s | clips/s consumed | host cores '
-        'needed |')
-  print('|---|---|---|---|')
+        f'clip ({gflop_source}); host cores at the best clips per CPU-s '
+        f'above ({rate_text})')
+  print('| accelerator | dense bf16 TFLOP/s | clips/s consumed | '
+        + ' | '.join(f'host cores needed ({k})' for k in rates) + ' |')
+  print('|---|---|---|' + '---|' * len(rates))
   demand = []
   for chip in accelerator_peaks.DEMAND_CHIPS:
     peak = accelerator_peaks.peak_of(chip)
     clips = FLAGS.mfu * peak * 1e12 / (gflop * 1e9)
-    demand.append(dict(chip=chip, peak=peak, clips_per_s=clips,
-                       cores=clips / per_core))
-    print(f'| {chip} | {peak:.0f} | {clips:.0f} | {clips / per_core:.1f} |')
+    cores = {k: clips / v for k, v in rates.items()}
+    demand.append(dict(chip=chip, peak=peak, clips_per_s=clips, cores=cores))
+    print(f'| {chip} | {peak:.0f} | {clips:.0f} | '
+          + ' | '.join(f'{c:.1f}' for c in cores.values()) + ' |')
   results['demand'] = dict(gflop_per_clip=gflop, source=gflop_source,
-                           per_core=per_core, rows=demand)
+                           per_core=rates, rows=demand)
   results['load_at_end'] = os.getloadavg()[0]
   print(f"\nload average: {results['machine']}, {results['load_at_end']:.1f} "
         'at the end')
