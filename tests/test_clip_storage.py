@@ -349,7 +349,11 @@ def test_corrupt_frame_names_the_record_and_frame(built, damage):
                 r'segment 0')
   with pytest.raises(ValueError, match=expected):
     sampling.cut_clip(record, 4, config)
+  # The same line when the frames are cropped, scaled and kept as 4:2:0.
+  with pytest.raises(ValueError, match=expected):
+    sampling.cut_clip(record, 4, config, size=56, pixel_format='yuv420p')
   sampling.cut_clip(record, 8, config)    # the other frames still decode
+  sampling.cut_clip(record, 8, config, size=56, pixel_format='yuv420p')
 
 
 def test_dataset_of_an_older_builder_version_is_refused(tmp_path):
