@@ -368,7 +368,9 @@ def rate_in_fresh_process(config, data_dir: str, batches: int,
 
 
 # The pipeline rows' variants: configs/paper.py:real's data path with one of
-# its choices undone. `read_threads`: grain's read threads in the process.
+# its choices undone. `read_threads`: grain's read threads in the process;
+# `workers`: grain worker processes (0 if not given), with
+# `worker_read_threads` read threads each.
 VARIANTS = (
     ('as configured: 4:2:0 frames, clips on key frames', {}),
     ('clips start at any frame', dict(clip_starts='any')),
@@ -381,6 +383,8 @@ VARIANTS = (
     ('one read thread', dict(read_threads=1)),
     ('one read thread, clips start at any frame',
      dict(read_threads=1, clip_starts='any')),
+    ('one read thread each', dict(workers=2)),
+    ('two read threads each', dict(workers=2, worker_read_threads=2)),
 )
 
 
@@ -581,21 +585,26 @@ def main(argv):
   for _ in range(FLAGS.rounds):
     for label, settings in VARIANTS:
       c = copy.deepcopy(config)
-      threads = pipeline.READ_THREADS
+      threads = (pipeline.READ_THREADS, pipeline.WORKER_READ_THREADS)
+      workers = 0
       for key, value in settings.items():
         if key == 'read_threads':
           pipeline.READ_THREADS = value
+        elif key == 'worker_read_threads':
+          pipeline.WORKER_READ_THREADS = value
+        elif key == 'workers':
+          workers = value
         elif key in c.input:
           c.input[key] = value
         else:
           c.input.augment[key] = value
       try:
-        runs[label].append(pipeline_rate(c, source, 0, FLAGS.batches,
+        runs[label].append(pipeline_rate(c, source, workers, FLAGS.batches,
                                          split_records=FLAGS.split_records))
       finally:
-        pipeline.READ_THREADS = threads
+        pipeline.READ_THREADS, pipeline.WORKER_READ_THREADS = threads
   variants = []
-  for label, _ in VARIANTS:
+  for label, settings in VARIANTS:
     cpu = sum(r['cpu_s'] for r in runs[label])
     wall = sum(r['wall_s'] for r in runs[label])
     clips = FLAGS.batches * FLAGS.batch_size * len(runs[label])
@@ -603,8 +612,9 @@ def main(argv):
                clips_per_wall_s=clips / wall, cpu_s=cpu, wall_s=wall,
                per_round=[r['clips_per_cpu_s'] for r in runs[label]])
     variants.append(row)
-    spread = '-'.join(f'{min(row["per_round"]):.0f} {max(row["per_round"]):.0f}'.split())
-    print(f"| 0, {label} ({len(runs[label])} alternating runs: {spread}) | "
+    spread = f'{min(row["per_round"]):.0f}-{max(row["per_round"]):.0f}'
+    print(f"| {settings.get('workers', 0)}, {label} ({len(runs[label])} "
+          f"alternating runs: {spread}) | "
           f"{row['clips_per_cpu_s']:.1f} | {row['clips_per_wall_s']:.1f} | "
           f"{cpu:.1f} | {wall:.1f} |", flush=True)
   results['pipeline_variants'] = variants
