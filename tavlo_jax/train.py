@@ -302,8 +302,11 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
   t_start = t_last
   pending = []
   last_saved = start or None
+  input_wait = 0.0   # seconds blocked on the input pipeline since the last log
   for step in range(start + 1, total + 1):
+    t_wait = time.perf_counter()
     host_batch = next(train_iter)
+    input_wait += time.perf_counter() - t_wait
     batch = pipeline.make_global_batch(host_batch, mesh)
     state, metrics = train_fn(state, batch, rng)
     pending.append(metrics)
@@ -318,16 +321,21 @@ def _train_loop(config, workdir, state, train_fn, predict_fn, train_iter, data,
       last = metrics[-1]
       values = {k: float(np.mean([m[k] for m in metrics]))
                 for k in last if not k.startswith('finite')}
+      # The share of the interval this loop sat waiting for a host batch
+      # (steps are dispatched asynchronously, so the device waits then too):
+      # near 0 when the accelerator is the bottleneck; high means the input
+      # pipeline is (more grain workers or host cores).
       values.update(steps_per_s=steps_per_s,
                     clips_per_s=steps_per_s * config.input.batch_size,
-                    learning_rate=float(schedule(step)))
+                    learning_rate=float(schedule(step)),
+                    input_wait=min(input_wait / max(now - t_last, 1e-9), 1.0))
       writer.scalars(step, {f'train/{k}': v for k, v in values.items()})
       logging.info('step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s '
-                   '(%.1f clips/s)  elapsed %s  ETA %s', step, total,
-                   values['loss'], values['grad_norm'], values['learning_rate'],
-                   steps_per_s, values['clips_per_s'],
-                   _hms(now - t_start), _hms(eta))
-      t_last, step_last = now, step
+                   '(%.1f clips/s, input wait %.0f%%)  elapsed %s  ETA %s',
+                   step, total, values['loss'], values['grad_norm'],
+                   values['learning_rate'], steps_per_s, values['clips_per_s'],
+                   100 * values['input_wait'], _hms(now - t_start), _hms(eta))
+      t_last, step_last, input_wait = now, step, 0.0
     stop = preemption.agreed()
     if stop or is_last or step % config.train.checkpoint_every_steps == 0:
       if pending:  # never save a state that a pending non-finite step poisoned

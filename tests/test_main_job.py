@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,12 @@ def test_main_job_builds_trains_resumes_and_reports(data_dir, tmp_path):
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert json.loads((workdir / 'config.json').read_text())['train']['total_steps'] == 4
   assert sorted(_losses(workdir)) == [1, 2, 3, 4]
+  # Each logged interval says how long the loop waited for host batches.
+  with open(workdir / 'metrics.jsonl') as f:
+    waits = [json.loads(line)['train/input_wait'] for line in f
+             if 'train/loss' in line]
+  assert len(waits) == 4 and all(0.0 <= w <= 1.0 for w in waits), waits
+  assert re.search(r'clips/s, input wait \d+%\)', r.stderr), r.stderr[-2000:]
   assert (workdir / 'checkpoints' / '4').is_dir()
 
   # Same command with more steps: resumes at 4, not from scratch.
