@@ -21,8 +21,8 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
    for each --workers count: clips per CPU-second of this process and its
    grain workers together (the machine may be shared: CPU time, not wall
    time, is the per-core rate), and wall clips/s beside it. Then the
-   VARIANTS (one choice of the config undone each), alternately, --rounds
-   times each. With
+   VARIANTS (one choice of the config undone each, or grain workers with
+   one or two read threads each), alternately, --rounds times each. With
    --first_round, three data paths alternately, --rounds times each, every
    run in a fresh process (0 workers): the first encoded-storage round's
    (whole RGB frames, PIL crop + resize, float64 jitter on the host),
@@ -77,7 +77,8 @@ flags.DEFINE_integer('batches', 6, 'timed batches per pipeline row')
 flags.DEFINE_integer('split_records', 10000, 'records the pipeline rows see: '
                      'the fixture clips repeated (RepeatedSource)')
 flags.DEFINE_integer('batch_size', 16, 'host batch of the pipeline rows')
-flags.DEFINE_integer('profile_examples', 48, 'examples in the cProfile run')
+flags.DEFINE_integer('profile_examples', 48, 'examples in the stage timing '
+                     '(and the first round\'s cProfile)')
 flags.DEFINE_float('gflop_per_clip', 0.0, 'train step GFLOP per clip '
                    '(0: compile the paper step here and read its cost)')
 flags.DEFINE_float('mfu', 0.4, 'model FLOP utilisation of the demand table')
