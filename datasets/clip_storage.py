@@ -273,6 +273,11 @@ def even_box(box, height: int, width: int) -> tuple[int, int, int, int]:
   return (x0, y0, max(x1, x0 + 2), max(y1, y0 + 2))
 
 
+def _plane_rows(plane) -> np.ndarray:
+  """A video frame plane as uint8 [rows, line_size] (padding columns included)."""
+  return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+
+
 class _ScaledYuv:
   """YUV frame -> its crop box scaled to size x size (mirrored if asked), as
   a yuv420p av.VideoFrame: no full-size RGB frame and no resize of one.
@@ -303,14 +308,11 @@ class _ScaledYuv:
       # One frame for the crops of the whole clip (swscale reads it and
       # writes a new frame), and numpy views of its planes' box areas.
       self.cropped = av.VideoFrame(x1 - x0, y1 - y0, 'yuv420p')
-      self.targets = [
-          np.frombuffer(dst, np.uint8).reshape(-1, dst.line_size)[
-              :(y1 - y0) // step, :(x1 - x0) // step]
-          for dst, step in zip(self.cropped.planes, (1, 2, 2))]
+      self.targets = [_plane_rows(dst)[:(y1 - y0) // step, :(x1 - x0) // step]
+                      for dst, step in zip(self.cropped.planes, (1, 2, 2))]
     x0, y0, x1, y1 = self.box
     for src, out, step in zip(frame.planes, self.targets, (1, 2, 2)):
-      rows = np.frombuffer(src, np.uint8).reshape(-1, src.line_size)
-      part = rows[y0 // step:y1 // step, x0 // step:x1 // step]
+      part = _plane_rows(src)[y0 // step:y1 // step, x0 // step:x1 // step]
       out[...] = part[:, ::-1] if self.flip else part
     return self.scale.reformat(self.cropped, self.size, self.size,
                                interpolation=Interpolation.BILINEAR,
@@ -336,8 +338,7 @@ def copy_yuv420_planes(frame: av.VideoFrame, y: np.ndarray,
   if (frame.height, frame.width) != (h, w):
     raise ValueError(f'a {frame.height}x{frame.width} frame, expected {h}x{w}')
   for p, out in zip(frame.planes, (y, uv[0], uv[1])):
-    rows = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)
-    out[...] = rows[:out.shape[0], :out.shape[1]]
+    out[...] = _plane_rows(p)[:out.shape[0], :out.shape[1]]
 
 
 class Yuv420(NamedTuple):
@@ -386,12 +387,14 @@ def _decode_jpeg(record, index: int) -> np.ndarray:
   return frame
 
 
-PIXEL_FORMATS = ('rgb24', 'yuv420p')
+# How frames come back: uint8 RGB, or 4:2:0 planes (`Yuv420`); the values of
+# config.input.frame_format.
+FRAME_FORMATS = ('rgb', 'yuv420')
 
 
 def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
                   size: int | None = None, geometry=None,
-                  pixel_format: str = 'rgb24') -> np.ndarray | Yuv420:
+                  frame_format: str = 'rgb') -> np.ndarray | Yuv420:
   """uint8 [T, H, W, 3] frames at `frame_index`; black where it is -1.
 
   In the encoded layouts only these frames are decoded (each once, even if
@@ -406,17 +409,17 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
   layouts decode whole frames and resize them with PIL (`resize_frames`:
   'raw' gives exactly what it gave before this option existed).
 
-  `pixel_format='yuv420p'` (needs an even `size`): the same frames as
+  `frame_format='yuv420'` (needs an even `size`): the same frames as
   `Yuv420` planes. 'h264' hands over the decoder's own planes, scaled, with
   no RGB conversion on the host (`_ScaledYuv`); the other layouts convert
   their RGB result (`rgb_to_yuv420`).
   """
-  if pixel_format not in PIXEL_FORMATS:
-    raise ValueError(f'pixel_format={pixel_format!r}; expected one of '
-                     f'{PIXEL_FORMATS}')
+  if frame_format not in FRAME_FORMATS:
+    raise ValueError(f'frame_format={frame_format!r}; expected one of '
+                     f'{FRAME_FORMATS}')
   frame_index = np.asarray(frame_index)
   storage = storage_of(record)
-  if pixel_format == 'yuv420p':
+  if frame_format == 'yuv420':
     if size is None or int(size) % 2:
       raise ValueError(f'4:2:0 frames are scaled to an even size; got '
                        f'size={size}')
@@ -437,14 +440,14 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
   if storage == 'h264':
     if size is None:
       convert = _to_rgb
-    elif pixel_format == 'yuv420p':
+    elif frame_format == 'yuv420':
       convert = _ScaledYuv(size, geometry)
     else:
       convert = _ScaledRgb(size, geometry)
     decoded = _decode_h264(record, wanted or [0], convert)
   else:
     decoded = {i: _decode_jpeg(record, i) for i in wanted or [0]}
-  if pixel_format == 'yuv420p':
+  if frame_format == 'yuv420':
     return _yuv420_slots(record, frame_index, decoded, int(size))
   if not wanted:   # every slot is padding: black frames of the stored size
     decoded = {-1: np.zeros_like(next(iter(decoded.values())))}

@@ -245,7 +245,7 @@ RULES: dict[str, Any] = {
     'input.shuffle_buffer_seed': _NONNEG,
     'input.max_instances': _POS,
     'input.clip_starts': Choice(_lazy('tavlo_jax.data.pipeline', 'CLIP_STARTS')),
-    'input.frame_format': Choice(_lazy('tavlo_jax.data.augment', 'FRAME_FORMATS')),
+    'input.frame_format': Choice(_lazy('tavlo_datasets.clip_storage', 'FRAME_FORMATS')),
     'input.audio.sample_rate': _POS,
     'input.audio.columns_per_frame': _POS,
     'input.audio.block': Choice(_lazy('tavlo_jax.data.sampling', 'AUDIO_BLOCKS')),

@@ -219,7 +219,7 @@ def test_yuv420_frames_are_the_rgb_frames_before_conversion(built, box, flip):
   geometry = lambda h, w: (box, flip)
   rgb = clip_storage.gather_frames(record, index, size=56, geometry=geometry)
   yuv = clip_storage.gather_frames(record, index, size=56, geometry=geometry,
-                                   pixel_format='yuv420p')
+                                   frame_format='yuv420')
   assert yuv.y.shape == (5, 56, 56) and yuv.uv.shape == (5, 2, 28, 28)
   assert yuv.y.dtype == yuv.uv.dtype == np.uint8
   converted = np.asarray(augment_lib.yuv420_to_rgb(yuv.y, yuv.uv))
@@ -248,9 +248,9 @@ def test_yuv420_needs_an_even_size(built):
   builder, _ = built
   record = builder.as_data_source('train')[0]
   with pytest.raises(ValueError, match='even size'):
-    clip_storage.gather_frames(record, [0, 1], size=55, pixel_format='yuv420p')
-  with pytest.raises(ValueError, match='pixel_format'):
-    clip_storage.gather_frames(record, [0, 1], size=56, pixel_format='nv12')
+    clip_storage.gather_frames(record, [0, 1], size=55, frame_format='yuv420')
+  with pytest.raises(ValueError, match='frame_format'):
+    clip_storage.gather_frames(record, [0, 1], size=56, frame_format='nv12')
 
 
 def test_yuv420_train_batches_carry_planes_the_step_converts(built):
@@ -351,9 +351,9 @@ def test_corrupt_frame_names_the_record_and_frame(built, damage):
     sampling.cut_clip(record, 4, config)
   # The same line when the frames are cropped, scaled and kept as 4:2:0.
   with pytest.raises(ValueError, match=expected):
-    sampling.cut_clip(record, 4, config, size=56, pixel_format='yuv420p')
+    sampling.cut_clip(record, 4, config, size=56, frame_format='yuv420')
   sampling.cut_clip(record, 8, config)    # the other frames still decode
-  sampling.cut_clip(record, 8, config, size=56, pixel_format='yuv420p')
+  sampling.cut_clip(record, 8, config, size=56, frame_format='yuv420')
 
 
 def test_dataset_of_an_older_builder_version_is_refused(tmp_path):

@@ -108,19 +108,10 @@ def color_jitter_batch(frames, factors):
   return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
 
-# What a training batch carries its frames as (`config.input.frame_format`):
-# uint8 RGB, or the decoder's 4:2:0 planes ('frames_y', 'frames_uv': half
-# the bytes, and no colour conversion on the host), converted in the step.
-FRAME_FORMATS = ('rgb', 'yuv420')
-
-
-def pixel_format(frame_format: str) -> str:
-  """config.input.frame_format -> clip_storage's pixel format name."""
-  names = {'rgb': 'rgb24', 'yuv420': 'yuv420p'}
-  if frame_format not in names:
-    raise ValueError(f'config.input.frame_format={frame_format!r}; expected '
-                     f'one of {FRAME_FORMATS}')
-  return names[frame_format]
+# What a training batch carries its frames as (`config.input.frame_format`,
+# clip_storage.FRAME_FORMATS): uint8 RGB, or the decoder's 4:2:0 planes
+# ('frames_y', 'frames_uv': half the bytes, and no colour conversion on the
+# host), converted in the step.
 
 
 def yuv420_to_rgb(y, uv):

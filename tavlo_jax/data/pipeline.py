@@ -189,7 +189,7 @@ class _TrainExample:
     clip = sampling.cut_clip(
         record, first, config, size=config.input.image_size,
         geometry=augment_lib.ClipGeometry(video_rng, aug),
-        pixel_format=augment_lib.pixel_format(config.input.frame_format))
+        frame_format=config.input.frame_format)
     spec_rng = audio_rng if aug.enabled else None
     return {
         **augment_lib.jitter_video(clip.frames, video_rng, aug),

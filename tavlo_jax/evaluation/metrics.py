@@ -458,6 +458,12 @@ def raw_thresholds(lo, hi, thresholds: Sequence[float]):
   return jnp.where(flat, jnp.where(hi > t, -jnp.inf, jnp.inf), lo + t * span)
 
 
+def _row_dot(a, b):
+  """sum over x of a[..., y, x] * b[..., y, x] -> [..., y], as a dot (one of
+  XLA:CPU's fastest reductions), at float32 precision."""
+  return jnp.einsum('...yx,...yx->...y', a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _counts_above_raw(up, thr, gt):
   """Per threshold t: (#{up > t}, sum(gt * [up > t])) -> two [..., T'], exact
   for a 0/1 gt (for any other gt the second is meaningless). T' = T rounded
@@ -479,9 +485,7 @@ def _counts_above_raw(up, thr, gt):
   for i in range(0, n, 2):
     w = (_step(up - thr[..., i, None, None])
          + base * _step(up - thr[..., i + 1, None, None]))
-    for rows, out in ((w.sum(-1), above),
-                      (jnp.einsum('...yx,...yx->...y', w, gt,
-                                  precision=jax.lax.Precision.HIGHEST), inter)):
+    for rows, out in ((w.sum(-1), above), (_row_dot(w, gt), inter)):
       high = jnp.floor(rows / base)
       out += [(rows - base * high).sum(-1), high.sum(-1)]
   return jnp.stack(above, axis=-1), jnp.stack(inter, axis=-1)
@@ -514,16 +518,14 @@ def fixed_threshold_scores(up, gt, thresholds: Sequence[float], lo=None, hi=None
   # Sums go rows first, then over rows: XLA:CPU reduces rows several times
   # faster than whole maps.
   total = lambda x: x.sum(axis=-1).sum(axis=-1)
-  row_dot = lambda a, b: jnp.einsum('...yx,...yx->...y', a, b,
-                                    precision=jax.lax.Precision.HIGHEST)
   n = len(thresholds)
   if weighted:
     gt_sum = total(gt)
     steps = [_step(up - thr[..., i, None, None]) for i in range(thr.shape[-1])]
     on_gt = _step(gt)
     above, inter, on_above = (jnp.stack([f(s) for s in steps], axis=-1) for f in
-                              (total, lambda s: row_dot(s, gt).sum(-1),
-                               lambda s: row_dot(s, on_gt).sum(-1)))
+                              (total, lambda s: _row_dot(s, gt).sum(-1),
+                               lambda s: _row_dot(s, on_gt).sum(-1)))
   else:
     above, inter = _counts_above_raw(up, thr, gt)
     # An odd number of thresholds leaves sum(gt) in the -inf column for free.
