@@ -11,13 +11,15 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
    AAC stereo 128 kbit/s at 44.1/48 kHz), 10 s each.
 2. Storage and build, per --codecs entry (`h264:<crf>[:<segment frames>]`
    or `jpeg:<quality>`): the `vggsound` builder (8 fps, short side 256,
-   16 kHz) from the mp4s to array_record; bytes on disk per second of video
+   16 kHz, 16-bit PCM audio) from the mp4s to array_record; bytes on disk
+   per second of video
    against the mp4s', and builder clips per CPU-second; the frames decoded
    for one random T=16 clip and their cost.
 3. Training pipeline (`configs/paper.py:real`: 224 px, T=16, 128 mels,
-   augmentation on, log-mel, colour jitter and YUV->RGB on the device: the
-   pipeline ships waveforms, and 4:2:0 frames with their jitter factors;
-   clips start on key frames)
+   augmentation on, log-mel, the crop's scaling and flip, colour jitter and
+   YUV->RGB on the device: the pipeline ships waveforms, and the crop box's
+   4:2:0 planes unscaled with their jitter factors; clips start on key
+   frames)
    for each --workers count: clips per CPU-second of this process and its
    grain workers together (the machine may be shared: CPU time, not wall
    time, is the per-core rate), and wall clips/s beside it. Then the
@@ -25,7 +27,8 @@ r"""Paper-scale data path on camera-like content: storage, build, pipeline, dema
    one or two read threads each), alternately, --rounds times each. With
    --first_round, three data paths alternately, --rounds times each, every
    run in a fresh process (0 workers): the first encoded-storage round's
-   (whole RGB frames, PIL crop + resize, float64 jitter on the host),
+   (whole RGB frames, PIL crop + resize, float64 jitter on the host,
+   FLAC audio),
    today's with glibc's malloc defaults, and today's (PATHS). Then what
    limits the rate: today's example in one thread with a timer around each
    stage, and a cProfile of the first round's.
@@ -178,7 +181,8 @@ def stored_bytes(builder) -> dict:
     key = 'frames_h264' if clip_storage.storage_of(record) == 'h264' else (
         'frames_jpeg')
     frames += len(record[key])
-    audio += len(record['waveform_flac'])
+    audio += sum(np.asarray(record[k]).nbytes for k in record
+                 if k.startswith('waveform'))
   return dict(files=files, frames=frames, audio=audio)
 
 
@@ -308,6 +312,30 @@ class RepeatedSource:
     return self.source[int(index) % len(self.source)]
 
 
+class FlacAudio:
+  """A source of 16-bit PCM records seen as records with FLAC audio (the
+  builders' `audio_codec='flac'`), each re-encoded once and kept, so that
+  the rows compare only what a reader pays: the FLAC window against the
+  PCM slice (the read of the record itself stays the PCM record's)."""
+
+  def __init__(self, source):
+    self.source, self.flac = source, {}
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    from tavlo_datasets import clip_storage  # pylint: disable=g-import-not-at-top
+    record = dict(self.source[index])
+    pcm = record.pop('waveform_pcm16')
+    key = record['video_id']
+    if key not in self.flac:
+      self.flac[key] = clip_storage.encode_flac(
+          pcm.astype(np.float32) / 32767, int(record['sample_rate']))
+    record['waveform_flac'] = self.flac[key]
+    return record
+
+
 def wait_until_idle(poll_s: float = 0.25, timeout_s: float = 60.0) -> None:
   """Returns once this process and its children have used (almost) no CPU
   for `poll_s`. A grain iterator that is dropped keeps its prefetch threads
@@ -353,6 +381,8 @@ def _rate_in_this_process(config, data_dir: str, batches: int, path: str,
                           split_records: int):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = tfds.builder_from_directory(data_dir).as_data_source('train')
+  if path == 'first_round':   # which stored its audio as FLAC
+    source = FlacAudio(source)
   return pipeline_rate(config, source, 0, batches, path, split_records)
 
 
@@ -369,11 +399,14 @@ def rate_in_fresh_process(config, data_dir: str, batches: int,
 
 
 # The pipeline rows' variants: configs/paper.py:real's data path with one of
-# its choices undone. `read_threads`: grain's read threads in the process;
+# its choices undone. `audio='flac'`: the records as the 'flac' audio_codec
+# stores them (FlacAudio); `read_threads`: grain's read threads in the process;
 # `workers`: grain worker processes (0 if not given), with
 # `worker_read_threads` read threads each.
 VARIANTS = (
-    ('as configured: 4:2:0 frames, clips on key frames', {}),
+    ('as configured: the crop box\'s 4:2:0 planes unscaled, clips on key '
+     'frames', {}),
+    ('4:2:0 frames scaled on the host', dict(frame_format='yuv420')),
     ('clips start at any frame', dict(clip_starts='any')),
     ('RGB frames from the host', dict(frame_format='rgb')),
     ('RGB frames, clips start at any frame (the previous defaults)',
@@ -382,8 +415,8 @@ VARIANTS = (
      dict(frame_format='rgb', color_jitter_on='host')),
     ('no augmentation', dict(enabled=False)),
     ('one read thread', dict(read_threads=1)),
-    ('one read thread, clips start at any frame',
-     dict(read_threads=1, clip_starts='any')),
+    ('audio as FLAC (the records\' 16-bit PCM re-encoded in memory)',
+     dict(audio='flac')),
     ('one read thread each', dict(workers=2)),
     ('two read threads each', dict(workers=2, worker_read_threads=2)),
 )
@@ -398,7 +431,7 @@ PROFILE_STAGES = (
     ('YUV->RGB of whole frames', 'clip_storage.py', '_to_rgb'),
     ('crop + resize to 224 (PIL)', '', 'resize_frames'),
     ('colour jitter (numpy float64)', '', 'color_jitter'),
-    ('audio window (FLAC decode)', '', 'waveform_window'),
+    ('audio window (FLAC decode)', '', 'waveform_window'),   # FlacAudio
     ('SpecAugment masks', '', '_audio_outputs'),
 )
 
@@ -463,8 +496,11 @@ def stage_times(config, source, n: int) -> tuple[float, dict]:
   with mock.patch.object(clip_storage, '_decode_h264',
                          timed('H.264 decode + the stage below', decode)), \
        mock.patch.object(clip_storage, 'waveform_window',
-                         timed('audio window (FLAC decode)',
+                         timed('audio window (16-bit PCM slice)',
                                clip_storage.waveform_window)), \
+       mock.patch.object(clip_storage, '_unscaled_slots',
+                         timed('crop box copies into the unscaled window',
+                               clip_storage._unscaled_slots)), \
        mock.patch.object(clip_storage, 'copy_yuv420_planes',
                          timed('4:2:0 planes into the clip arrays',
                                clip_storage.copy_yuv420_planes)):
@@ -522,7 +558,7 @@ def main(argv):
   config = paper_config()
 
   print('\n## storage and build (vggsound builder: 8 fps, short side 256, '
-        '16 kHz; one process)')
+        '16 kHz 16-bit PCM audio; one process)')
   print('| frames | KB per s of video | x source mp4 | of which frames / audio '
         '| PSNR vs source dB | build clips per CPU-s | build clips/s wall '
         '| frames decoded per T=16 clip | decode it, CPU ms |')
@@ -552,8 +588,8 @@ def main(argv):
   codec = FLAGS.codecs[0]
   source = builds[codec][0].as_data_source('train')
   print(f'\n## training pipeline, configs/paper.py:real (224 px, T=16, '
-        f'128 mels, augmentation on, log-mel, colour jitter and YUV->RGB on '
-        f'the device, clips on key frames), records '
+        f'128 mels, augmentation on, log-mel, crop scaling and flip, colour '
+        f'jitter and YUV->RGB on the device, clips on key frames), records '
         f'{codec}, host batch {FLAGS.batch_size}; the {len(source)} fixture '
         f'records seen as a split of {FLAGS.split_records} (RepeatedSource)')
   print('| grain workers | clips per CPU-s (process + workers) | clips/s wall '
@@ -583,9 +619,11 @@ def main(argv):
     for label, settings in VARIANTS:
       c = copy.deepcopy(config)
       threads = (pipeline.READ_THREADS, pipeline.WORKER_READ_THREADS)
-      workers = 0
+      workers, rows_source = 0, source
       for key, value in settings.items():
-        if key == 'read_threads':
+        if key == 'audio':
+          rows_source = FlacAudio(source)
+        elif key == 'read_threads':
           pipeline.READ_THREADS = value
         elif key == 'worker_read_threads':
           pipeline.WORKER_READ_THREADS = value
@@ -596,7 +634,8 @@ def main(argv):
         else:
           c.input.augment[key] = value
       try:
-        runs[label].append(pipeline_rate(c, source, workers, FLAGS.batches,
+        runs[label].append(pipeline_rate(c, rows_source, workers,
+                                         FLAGS.batches,
                                          split_records=FLAGS.split_records))
       finally:
         pipeline.READ_THREADS, pipeline.WORKER_READ_THREADS = threads
@@ -651,7 +690,8 @@ def main(argv):
   # read: ~4 ms profiled, 0.8 ms timed): the first round only, whose costs
   # are in PIL and numpy.
   if FLAGS.first_round:
-    text, per_example_ms, shares = profile_first_round(config, source)
+    text, per_example_ms, shares = profile_first_round(config,
+                                                       FlacAudio(source))
     print(f'\n## what limits it (first-round path): cProfile of '
           f'{FLAGS.profile_examples} examples in one thread, '
           f'{per_example_ms:.1f} CPU ms per example (= '

@@ -147,13 +147,16 @@ def add_classic_evals(config: ml_collections.ConfigDict) -> None:
 
 def use_h264_records_cheaply(config: ml_collections.ConfigDict) -> None:
   """What a host core spends per clip of VGGSound's H.264 records
-  (BENCHMARKS.md, paper-scale data path): the decoder's 4:2:0 planes go to
-  the device as they are (half the bytes of RGB, converted in the step), and
-  clips start where a stored segment starts (every 16 frames = 2 s), so the
-  decoder produces exactly the clip's frames: any start decodes ~1.5x as
-  many. A 10 s clip still gives 5 distinct 2 s windows (the image-level peers
-  train on one fixed frame per clip); clip_starts='any' gives every start."""
-  config.input.frame_format = 'yuv420'
+  (BENCHMARKS.md, paper-scale data path): the decoder's 4:2:0 planes of the
+  crop box go to the device as they are, at the stored resolution, and the
+  step scales, mirrors and converts them to RGB (no scaling or colour
+  conversion on the host: 'yuv420' scales on the host, and ships half the
+  bytes); and clips start where a stored segment starts (every 16 frames =
+  2 s), so the decoder produces exactly the clip's frames: any start decodes
+  ~1.5x as many. A 10 s clip still gives 5 distinct 2 s windows (the
+  image-level peers train on one fixed frame per clip); clip_starts='any'
+  gives every start."""
+  config.input.frame_format = 'yuv420_unscaled'
   config.input.clip_starts = 'key_frames'
 
 

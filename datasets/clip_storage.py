@@ -19,12 +19,17 @@ Three layouts share the schema (schema.py):
   'jpeg'  frames_jpeg    uint8 [total bytes]  the N JPEG files, back to back
           frame_offsets  i64 [N + 1]          frame k = bytes [o[k], o[k+1])
           Each frame on its own: the simplest random access, ~8x the bytes.
-  Both encoded layouts store waveform_flac uint8 [bytes] instead of
-  `waveform`: the waveform * 32767 rounded to 16 bits (the source is AAC,
-  whose own error is far above 16-bit rounding), FLAC-compressed (lossless:
-  about 2/3 of the 16-bit bytes, 1/3 of float32). FLAC seeks, so a reader
-  decodes only the audio window of its clip. Frame sizes are
-  free (they keep the source's aspect ratio): they live in the bitstreams.
+  Both encoded layouts store the waveform * 32767 rounded to 16 bits (the
+  source is AAC, whose own error is far above 16-bit rounding) instead of
+  `waveform`, as one of the AUDIO_CODECS (the builders' `audio_codec`):
+    waveform_pcm16 int16 [S]       plain samples: a reader slices its window
+                                   (~0.03 ms for 2 s at 16 kHz)
+    waveform_flac  uint8 [bytes]   FLAC (lossless): ~2/3 of the 16-bit bytes
+                                   on camera audio, but decoding a 2 s window
+                                   costs ~0.7 CPU ms, ~8% of a paper-scale
+                                   training example
+  Frame sizes are free (they keep the source's aspect ratio): they live in
+  the bitstreams.
 
 TFDS decodes these flat BYTES tensors without TensorFlow and without a copy,
 and never decodes the frames themselves (its `Sequence(Image)` would decode
@@ -48,6 +53,7 @@ import soundfile
 from tavlo_datasets import media
 
 FRAME_STORAGES = ('raw', 'h264', 'jpeg')
+AUDIO_CODECS = ('pcm16', 'flac')
 _PCM16_SCALE = 32767.0
 
 
@@ -147,10 +153,15 @@ def encode_flac(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def to_storage(record: dict, storage: str, *, jpeg_quality: int = 85,
-               h264_crf: int = 25, segment_frames: int = 16) -> dict:
-  """Rewrites the `frames`/`waveform` of a freshly read clip into `storage`."""
+               h264_crf: int = 25, segment_frames: int = 16,
+               audio_codec: str = 'pcm16') -> dict:
+  """Rewrites the `frames`/`waveform` of a freshly read clip into `storage`,
+  its audio into `audio_codec`."""
   if storage == 'raw':
     return record
+  if audio_codec not in AUDIO_CODECS:
+    raise ValueError(f'audio_codec={audio_codec!r}; expected one of '
+                     f'{AUDIO_CODECS}')
   record = dict(record)
   if storage == 'jpeg':
     record.update(encode_jpeg(record.pop('frames'), jpeg_quality))
@@ -159,8 +170,11 @@ def to_storage(record: dict, storage: str, *, jpeg_quality: int = 85,
   else:
     raise ValueError(f'frame storage {storage!r}; expected one of '
                      f'{FRAME_STORAGES}')
-  record['waveform_flac'] = encode_flac(record.pop('waveform'),
-                                       record['sample_rate'])
+  wave = record.pop('waveform')
+  if audio_codec == 'pcm16':
+    record['waveform_pcm16'] = encode_pcm16(wave)
+  else:
+    record['waveform_flac'] = encode_flac(wave, record['sample_rate'])
   return record
 
 
@@ -169,7 +183,8 @@ def options_of(builder_config) -> dict:
   c = builder_config
   return dict(storage=c.frame_codec, short_side=int(c.frame_short_side),
               jpeg_quality=int(c.jpeg_quality), h264_crf=int(c.h264_crf),
-              segment_frames=int(c.segment_frames))
+              segment_frames=int(c.segment_frames),
+              audio_codec=str(c.audio_codec))
 
 
 def read_clip(path, *, fps: float, sample_rate: int, storage: str,
@@ -279,7 +294,8 @@ def _plane_rows(plane) -> np.ndarray:
 
 
 class _ScaledYuv:
-  """YUV frame -> its crop box scaled to size x size (mirrored if asked), as
+  """YUV frame -> its crop box scaled to size x size or (width, height)
+  (mirrored if asked), as
   a yuv420p av.VideoFrame: no full-size RGB frame and no resize of one.
 
   `geometry(height, width)` -> (box or None for the whole frame, flip), asked
@@ -292,8 +308,11 @@ class _ScaledYuv:
   benchmarks/paper_data_path.py, BENCHMARKS.md.)
   """
 
-  def __init__(self, size: int, geometry):
-    self.size, self.geometry, self.box, self.flip = int(size), geometry, None, False
+  def __init__(self, size: int | tuple[int, int], geometry):
+    # size: S (S x S) or (width, height).
+    self.width, self.height = ((int(size), int(size)) if np.ndim(size) == 0
+                               else (int(size[0]), int(size[1])))
+    self.geometry, self.box, self.flip = geometry, None, False
     self.scale = VideoReformatter()
     self.cropped = self.targets = None
 
@@ -314,7 +333,7 @@ class _ScaledYuv:
     for src, out, step in zip(frame.planes, self.targets, (1, 2, 2)):
       part = _plane_rows(src)[y0 // step:y1 // step, x0 // step:x1 // step]
       out[...] = part[:, ::-1] if self.flip else part
-    return self.scale.reformat(self.cropped, self.size, self.size,
+    return self.scale.reformat(self.cropped, self.width, self.height,
                                interpolation=Interpolation.BILINEAR,
                                threads=1)
 
@@ -387,14 +406,76 @@ def _decode_jpeg(record, index: int) -> np.ndarray:
   return frame
 
 
-# How frames come back: uint8 RGB, or 4:2:0 planes (`Yuv420`); the values of
-# config.input.frame_format.
-FRAME_FORMATS = ('rgb', 'yuv420')
+class Yuv420Unscaled(NamedTuple):
+  """A clip's crop box at the stored resolution: 4:2:0 planes of a fixed
+  window [WH, WW] holding the box (the same for every frame) at its top
+  left, neither scaled nor mirrored; `augment.scale_unscaled_frames` does
+  both in the train step. A box larger than the window (a portrait clip, a
+  larger stored size) is scaled down on the host to fit, aspect kept."""
+  y: np.ndarray        # uint8 [T, WH, WW]
+  uv: np.ndarray       # uint8 [T, 2, WH/2, WW/2]: U then V
+  box_hw: np.ndarray   # int32 [2]: the box's height and width there (even)
+  flip: np.ndarray     # bool []: mirror left-right once scaled
+
+
+# How frames come back: uint8 RGB, 4:2:0 planes scaled to the training size
+# (`Yuv420`), or the crop box's 4:2:0 planes unscaled (`Yuv420Unscaled`);
+# the values of config.input.frame_format.
+FRAME_FORMATS = ('rgb', 'yuv420', 'yuv420_unscaled')
+
+
+def _fit(height: int, width: int, window: tuple[int, int]) -> tuple[int, int]:
+  """(h, w): height x width itself if it fits the window, else scaled down
+  to fit, aspect kept, even."""
+  scale = min(1.0, window[0] / height, window[1] / width)
+  if scale == 1.0:
+    return height, width
+  return (max(2, int(height * scale) // 2 * 2),
+          max(2, int(width * scale) // 2 * 2))
+
+
+def _unscaled_slots(record, frame_index, decoded: dict, window, geometry
+                    ) -> Yuv420Unscaled:
+  """Yuv420Unscaled of the clip's slots from {stored index: yuv420p
+  av.VideoFrame at the stored size}; padding slots black."""
+  wh, ww = (int(v) for v in window)
+  t = len(frame_index)
+  out = Yuv420Unscaled(np.full((t, wh, ww), _BLACK_Y, np.uint8),
+                       np.full((t, 2, wh // 2, ww // 2), _BLACK_UV, np.uint8),
+                       np.zeros((2,), np.int32), np.bool_(False))
+  first = next(iter(decoded.values()))
+  box, flip = (geometry(first.height, first.width) if geometry
+               else (None, False))
+  x0, y0, x1, y1 = even_box(box, first.height, first.width)
+  h, w = _fit(y1 - y0, x1 - x0, (wh, ww))
+  out.box_hw[:] = (h, w)
+  scale = None
+  if (h, w) != (y1 - y0, x1 - x0):   # too large for the window: the host scales
+    scale = _ScaledYuv((w, h), lambda *_: ((x0, y0, x1, y1), False))
+  for slot, i in enumerate(frame_index):
+    if i < 0:
+      continue
+    frame = decoded[int(i)]
+    if (frame.height, frame.width) != (first.height, first.width):
+      raise ValueError(f'record {_name(record)}: frame {int(i)} is '
+                       f'{frame.height}x{frame.width}, other frames '
+                       f'{first.height}x{first.width}')
+    if scale is not None:
+      copy_yuv420_planes(scale(frame), out.y[slot, :h, :w],
+                         out.uv[slot, :, :h // 2, :w // 2])
+      continue
+    for src, dst, step in zip(frame.planes, (out.y[slot], out.uv[slot, 0],
+                                             out.uv[slot, 1]), (1, 2, 2)):
+      dst[:h // step, :w // step] = _plane_rows(src)[
+          y0 // step:y1 // step, x0 // step:x1 // step]
+  out = out._replace(flip=np.bool_(flip))
+  return out
 
 
 def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
                   size: int | None = None, geometry=None,
-                  frame_format: str = 'rgb') -> np.ndarray | Yuv420:
+                  frame_format: str = 'rgb', window=None
+                  ) -> np.ndarray | Yuv420 | Yuv420Unscaled:
   """uint8 [T, H, W, 3] frames at `frame_index`; black where it is -1.
 
   In the encoded layouts only these frames are decoded (each once, even if
@@ -413,12 +494,20 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
   `Yuv420` planes. 'h264' hands over the decoder's own planes, scaled, with
   no RGB conversion on the host (`_ScaledYuv`); the other layouts convert
   their RGB result (`rgb_to_yuv420`).
+
+  `frame_format='yuv420_unscaled'` (needs `window` (WH, WW), even; `size`
+  unused): `Yuv420Unscaled`, the box's planes at the stored resolution for
+  the train step to scale and mirror; nothing is scaled on the host unless
+  the box is larger than the window. Other layouts than 'h264' convert
+  their whole RGB frames to 4:2:0 first.
   """
   if frame_format not in FRAME_FORMATS:
     raise ValueError(f'frame_format={frame_format!r}; expected one of '
                      f'{FRAME_FORMATS}')
   frame_index = np.asarray(frame_index)
   storage = storage_of(record)
+  if frame_format == 'yuv420_unscaled':
+    return _gather_unscaled(record, frame_index, window, geometry)
   if frame_format == 'yuv420':
     if size is None or int(size) % 2:
       raise ValueError(f'4:2:0 frames are scaled to an even size; got '
@@ -463,6 +552,29 @@ def gather_frames(record: Mapping[str, Any], frame_index: np.ndarray, *,
   return out
 
 
+def _as_yuv420p(frame: av.VideoFrame) -> av.VideoFrame:
+  if frame.format.name == 'yuv420p':
+    return frame
+  return frame.reformat(format='yuv420p', threads=1)
+
+
+def _gather_unscaled(record, frame_index: np.ndarray, window, geometry
+                     ) -> Yuv420Unscaled:
+  if window is None or len(window) != 2 or any(int(v) < 2 or int(v) % 2
+                                               for v in window):
+    raise ValueError(f'unscaled 4:2:0 frames need a window (height, width) '
+                     f'of even sizes; got window={window}')
+  wanted = [int(i) for i in np.unique(frame_index[frame_index >= 0])] or [0]
+  if storage_of(record) == 'h264':
+    decoded = _decode_h264(record, wanted, _as_yuv420p)
+  else:
+    rgb = gather_frames(record, np.asarray(wanted))
+    decoded = {i: _as_yuv420p(av.VideoFrame.from_ndarray(
+        np.ascontiguousarray(image), format='rgb24'))
+               for i, image in zip(wanted, rgb)}
+  return _unscaled_slots(record, frame_index, decoded, window, geometry)
+
+
 def _yuv420_slots(record, frame_index, decoded, size: int) -> Yuv420:
   """Yuv420 of the clip's slots from {stored index: scaled yuv420p frame};
   padding slots black."""
@@ -503,11 +615,20 @@ def waveform_window(record: Mapping[str, Any], start: int,
                     length: int | None) -> np.ndarray:
   """f32 waveform[start : start + length], zeros where that is outside it.
 
-  `length=None`: to the end. In the FLAC layout only the window is decoded.
+  `length=None`: to the end. Only the window is converted (and, in the FLAC
+  layout, decoded).
   """
-  if storage_of(record) == 'raw':
+  if 'waveform' in record:
     wave = np.asarray(record['waveform'], np.float32)
     return _padded(lambda lo, hi: wave[lo:hi], len(wave), start, length)
+  if 'waveform_pcm16' in record:
+    pcm = np.asarray(record['waveform_pcm16'])
+    return _padded(lambda lo, hi: _from_pcm16(pcm[lo:hi]), len(pcm), start,
+                   length)
+  if 'waveform_flac' not in record:
+    raise ValueError(f'record {_name(record)} has none of `waveform`, '
+                     '`waveform_pcm16`, `waveform_flac`: not a record of '
+                     'this schema')
   try:
     data = np.asarray(record['waveform_flac']).tobytes()
     with soundfile.SoundFile(io.BytesIO(data)) as f:
@@ -516,11 +637,15 @@ def waveform_window(record: Mapping[str, Any], start: int,
         pcm = f.read(hi - lo, dtype='int16')
         if len(pcm) != hi - lo:
           raise ValueError(f'{len(pcm)} of {hi - lo} samples from {lo} read')
-        return pcm.astype(np.float32) / np.float32(_PCM16_SCALE)
+        return _from_pcm16(pcm)
       return _padded(read, f.frames, start, length)
   except (RuntimeError, ValueError, soundfile.LibsndfileError) as e:
     raise ValueError(f'record {_name(record)}: the audio (FLAC) does not '
                      f'decode ({e})') from e
+
+
+def _from_pcm16(pcm: np.ndarray) -> np.ndarray:
+  return pcm.astype(np.float32) / np.float32(_PCM16_SCALE)
 
 
 def _padded(read, total: int, start: int, length: int | None) -> np.ndarray:

@@ -13,7 +13,8 @@ top-level sequences of fixed-shape records:
   frame_times       f32    [N]            seconds since the start of the clip
   waveform          f32    [S]            mono, `sample_rate` Hz, starts at t=0
     (or, with `frame_storage='h264'` / `'jpeg'`, encoded frames and
-    `waveform_flac` instead of `frames` and `waveform`: clip_storage.py.
+    `waveform_pcm16` or `waveform_flac` (`audio_codec`) instead of `frames`
+    and `waveform`: clip_storage.py.
     Readers go through clip_storage, which accepts every layout.)
   sample_rate       i32    []
   fps               f32    []
@@ -56,6 +57,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tavlo_datasets.clip_storage import AUDIO_CODECS
 from tavlo_datasets.clip_storage import FRAME_STORAGES
 
 # Scenario order is part of the schema: `tags` is multi-hot in this order.
@@ -97,8 +99,8 @@ def tags_to_multihot(tags) -> np.ndarray:
   return out
 
 
-def _clip_features(frame_storage: str, frame_height: int,
-                   frame_width: int) -> dict:
+def _clip_features(frame_storage: str, frame_height: int, frame_width: int,
+                   audio_codec: str) -> dict:
   """The frame and waveform features of a storage layout (clip_storage.py)."""
   f = tfds.features
   # BYTES/ZLIB: TFDS would otherwise serialise each sample/pixel as one
@@ -112,21 +114,26 @@ def _clip_features(frame_storage: str, frame_height: int,
     }
   # Encoded layouts: frame sizes follow the source's aspect ratio and live
   # in the bitstreams.
-  flac = f.Tensor(shape=(None,), dtype=np.uint8, encoding=f.Encoding.BYTES)
+  if audio_codec not in AUDIO_CODECS:
+    raise ValueError(f'audio_codec={audio_codec!r}; expected one of '
+                     f'{AUDIO_CODECS}')
+  audio = {f'waveform_{audio_codec}': f.Tensor(
+      shape=(None,), dtype=np.int16 if audio_codec == 'pcm16' else np.uint8,
+      encoding=f.Encoding.BYTES)}
   if frame_storage == 'h264':
     return {
         'frames_h264': f.Tensor(shape=(None,), dtype=np.uint8,
                                 encoding=f.Encoding.BYTES),
         'segment_offsets': f.Tensor(shape=(None,), dtype=np.int64),
         'segment_frames': f.Scalar(dtype=np.int32),
-        'waveform_flac': flac,
+        **audio,
     }
   if frame_storage == 'jpeg':
     return {
         'frames_jpeg': f.Tensor(shape=(None,), dtype=np.uint8,
                                 encoding=f.Encoding.BYTES),
         'frame_offsets': f.Tensor(shape=(None,), dtype=np.int64),
-        'waveform_flac': flac,
+        **audio,
     }
   raise ValueError(f'frame_storage={frame_storage!r}; expected one of '
                    f'{FRAME_STORAGES}')
@@ -134,16 +141,18 @@ def _clip_features(frame_storage: str, frame_height: int,
 
 def features(*, frame_height: int = 0, frame_width: int = 0, mask_height: int,
              mask_width: int, frame_storage: str = 'raw',
+             audio_codec: str = 'pcm16',
              weighted_gt: bool = False) -> tfds.features.FeaturesDict:
   """The FeaturesDict every builder returns from `_info`.
 
   `frame_storage` 'raw' (frames of a fixed size [H, W]), 'h264' or 'jpeg'
-  (frame size free, H and W unused): see clip_storage.py. `weighted_gt` adds
+  (frame size free, H and W unused), with audio as `audio_codec` 'pcm16' or
+  'flac' (encoded layouts only): see clip_storage.py. `weighted_gt` adds
   `gt_votes` (the weighted ground-truth extension above).
   """
   f = tfds.features
   extension = {'gt_votes': f.Scalar(dtype=np.int32)} if weighted_gt else {}
-  clip = _clip_features(frame_storage, frame_height, frame_width)
+  clip = _clip_features(frame_storage, frame_height, frame_width, audio_codec)
   audio_keys = [k for k in clip if k.startswith('waveform')]
   # Key order as before the encoded layouts: the 'raw' records stay
   # byte-identical.

@@ -55,7 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.frame_format = 'rgb'              # training frames shipped as 'rgb' (uint8) | 'yuv420'
   #                                           (the decoder's 4:2:0 planes: half the bytes, no host
   #                                           colour conversion; RGB in the step; even image_size,
-  #                                           colour jitter on the device)
+  #                                           colour jitter on the device) | 'yuv420_unscaled'
+  #                                           (the same, but the crop box at the stored resolution
+  #                                           in an `unscaled_window`: the step scales and flips)
+  c.input.unscaled_window = (256, 344)      # (height, width), even: holds any crop box of a
+  #                                           landscape frame of short side 256 (aspect <= 4/3)
   c.input.fps = 0.0                         # frames/s of the stored clips; 0 = from the dataset
   c.input.batch_size = 16                   # GLOBAL train batch (split over hosts/devices)
   c.input.eval_batch_size = 16              # GLOBAL eval batch; padded at the split's end

@@ -246,6 +246,7 @@ RULES: dict[str, Any] = {
     'input.max_instances': _POS,
     'input.clip_starts': Choice(_lazy('tavlo_jax.data.pipeline', 'CLIP_STARTS')),
     'input.frame_format': Choice(_lazy('tavlo_datasets.clip_storage', 'FRAME_FORMATS')),
+    'input.unscaled_window': Numbers(lo=2, length=2),
     'input.audio.sample_rate': _POS,
     'input.audio.columns_per_frame': _POS,
     'input.audio.block': Choice(_lazy('tavlo_jax.data.sampling', 'AUDIO_BLOCKS')),
@@ -379,15 +380,20 @@ def _crop_scale_ordered(c):
 
 def _yuv420_frames_usable(c):
   i = c.input
-  if i.frame_format != 'yuv420':
+  if i.frame_format == 'rgb':
     return None
+  name = repr(i.frame_format)
   if i.image_size % 2:
-    return ('input.frame_format', f"'yuv420' needs an even image_size (one "
+    return ('input.frame_format', f'{name} needs an even image_size (one '
             f'chroma sample per 2x2 pixels), got {i.image_size}')
   a = i.augment
   if a.enabled and a.color_jitter > 0 and a.color_jitter_on != 'device':
-    return ('input.frame_format', "'yuv420' frames are colour-jittered in the "
+    return ('input.frame_format', f'{name} frames are colour-jittered in the '
             "step: set input.augment.color_jitter_on='device' (or 'rgb' frames)")
+  window = tuple(i.unscaled_window)
+  if i.frame_format == 'yuv420_unscaled' and any(int(v) % 2 for v in window):
+    return ('input.unscaled_window', f'expected (height, width), both even '
+            f'(whole chroma samples), got {window}')
   return None
 
 

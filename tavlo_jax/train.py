@@ -151,7 +151,8 @@ def train_step(state: TrainState, batch, base_rng, *, config, model):
   """One update. Pure: everything random comes from fold_in(rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
   audio = _model_audio(config, batch)
-  frames = augment_lib.frames_for_model(batch)   # + colour jitter on the device
+  # Scaled, converted and colour-jittered here where the config says so.
+  frames = augment_lib.frames_for_model(batch, config.input.image_size)
 
   def loss_fn(params):
     variables = {'params': params}

@@ -3,7 +3,8 @@
 Built from a small textured clip (tests/fixtures/natural_video.py: 1/f
 texture, camera pan, sensor noise, h264 + AAC), so the codecs have real
 detail to lose, unlike the flat grey frames of the builder tests. Every test
-runs for both encoded layouts ('h264' segments, 'jpeg' frames).
+runs for both encoded layouts: 'h264' segments with 16-bit PCM audio (the
+`vggsound` defaults) and 'jpeg' frames with FLAC audio.
 """
 
 import io
@@ -35,11 +36,12 @@ SPEC = natural_video.ClipSpec(name='textured', seconds=3.0, fps=25.0,
                               audio_rate=48000, seed=3)
 
 
-def make_builder(data_dir, codec='h264') -> Builder:
+def make_builder(data_dir, codec='h264', audio_codec='pcm16') -> Builder:
   return Builder(config=VggsoundConfig(
       name='test', ids_file='', fps=FPS, frame_short_side=SHORT_SIDE,
       frame_codec=codec, jpeg_quality=QUALITY, h264_crf=CRF,
-      segment_frames=SEGMENT, mask_size=(9, 16)), data_dir=str(data_dir))
+      segment_frames=SEGMENT, audio_codec=audio_codec, mask_size=(9, 16)),
+      data_dir=str(data_dir))
 
 
 @pytest.fixture(scope='module')
@@ -49,14 +51,19 @@ def source_mp4(tmp_path_factory):
   return manual / f'{SPEC.name}.mp4'
 
 
-@pytest.fixture(scope='module', params=['h264', 'jpeg'])
+@pytest.fixture(scope='module', params=[('h264', 'pcm16'), ('jpeg', 'flac')],
+                ids=['h264-pcm16', 'jpeg-flac'])
 def built(request, source_mp4, tmp_path_factory):
-  builder = make_builder(tmp_path_factory.mktemp('data'), request.param)
+  builder = make_builder(tmp_path_factory.mktemp('data'), *request.param)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           manual_dir=str(source_mp4.parent)),
       file_format='array_record')
   return builder, source_mp4
+
+
+# (box, flip) of a clip: the whole frame, or a box off the pixel grid, mirrored.
+WHOLE_OR_FLIPPED_BOX = [(None, False), ((3.3, 5.6, 90.2, 60.9), True)]
 
 
 def paper_like_config():
@@ -109,6 +116,9 @@ def test_example_frames_equal_the_source_frames_within_jpeg_error(built):
 def test_waveform_is_the_source_audio_within_16_bit_rounding(built):
   builder, mp4 = built
   record = builder.as_data_source('train')[0]
+  audio_codec = builder.builder_config.audio_codec
+  assert [k for k in record if k.startswith('waveform')] == [
+      f'waveform_{audio_codec}']
   reference = media.read_audio(mp4, 16000)
   stored = clip_storage.waveform(record)
   assert stored.dtype == np.float32 and stored.shape == reference.shape
@@ -127,6 +137,10 @@ def test_waveform_is_the_source_audio_within_16_bit_rounding(built):
 def test_corrupt_audio_names_the_record(built):
   builder, _ = built
   record = dict(builder.as_data_source('train')[0])
+  if 'waveform_pcm16' in record:   # the same record with FLAC audio
+    pcm = record.pop('waveform_pcm16')
+    record['waveform_flac'] = clip_storage.encode_flac(
+        pcm.astype(np.float32) / 32767, int(record['sample_rate']))
   data = np.asarray(record['waveform_flac']).copy()
   data[:64] = 0
   record['waveform_flac'] = data
@@ -207,8 +221,7 @@ def test_decoder_crops_scales_and_flips_like_pil(built, box, flip):
     assert np.abs(got.astype(int) - unflipped).mean() > 4 * d.mean()
 
 
-@pytest.mark.parametrize('box,flip', [(None, False),
-                                      ((3.3, 5.6, 90.2, 60.9), True)])
+@pytest.mark.parametrize('box,flip', WHOLE_OR_FLIPPED_BOX)
 def test_yuv420_frames_are_the_rgb_frames_before_conversion(built, box, flip):
   # 'yuv420p' hands over the planes the RGB path converts on the host;
   # converted in the step (augment.yuv420_to_rgb, rounding) they are the
@@ -283,6 +296,135 @@ def test_yuv420_train_batches_carry_planes_the_step_converts(built):
     assert d.max() <= 4 and d.mean() < 1.4, (d.max(), d.mean())
   else:
     assert d.mean() < 2.5, d.mean()        # 4:2:0 chroma of RGB frames: 1.8
+
+
+def stored_planes(record, index):
+  """The stored frames' 4:2:0 planes at the stored size: the decoder's own
+  for 'h264', libswscale's conversion of the RGB frames otherwise."""
+  if clip_storage.storage_of(record) == 'h264':
+    frames = clip_storage._decode_h264(record, list(index),  # pylint: disable=protected-access
+                                       lambda f: f.reformat(format='yuv420p'))
+    return [frames[i] for i in index]
+  rgb = clip_storage.gather_frames(record, np.asarray(index))
+  return [av.VideoFrame.from_ndarray(f, format='rgb24').reformat(
+      format='yuv420p') for f in rgb]
+
+
+def planes_of(frame):
+  rows = lambda p: np.frombuffer(p, np.uint8).reshape(-1, p.line_size)
+  return [rows(p)[:frame.height // s, :frame.width // s]
+          for p, s in zip(frame.planes, (1, 2, 2))]
+
+
+@pytest.mark.parametrize('box,flip', WHOLE_OR_FLIPPED_BOX)
+def test_unscaled_frames_are_the_stored_planes_of_the_box(built, box, flip):
+  # 'yuv420_unscaled': no scaling, no mirroring on the host: each slot's
+  # window holds exactly the stored frame's planes inside the (even) box.
+  record = built[0].as_data_source('train')[0]
+  index = np.array([2, 3, 9, -1, 4])                 # one padding slot
+  got = clip_storage.gather_frames(
+      record, index, geometry=lambda h, w: (box, flip),
+      frame_format='yuv420_unscaled', window=(64, 88))
+  assert got.y.shape == (5, 64, 88) and got.uv.shape == (5, 2, 32, 44)
+  assert got.y.dtype == got.uv.dtype == np.uint8
+  assert bool(got.flip) == flip
+  if box is None:
+    # The whole 64x114 frame does not fit 64x88: scaled down on the host to
+    # fit, aspect kept (64 * 88/114 = 49.4 -> 48 rows, 88 columns), like
+    # the host's scaling of the whole frame.
+    np.testing.assert_array_equal(got.box_hw, [48, 88])
+    assert (got.y[:, 48:] == 16).all()                # the rest stays black
+    whole = clip_storage.gather_frames(record, index[:3], size=48,
+                                       frame_format='yuv420')
+    shrunk = np.stack([pil_resize(y, 48) for y in got.y[:3, :48, :88]])
+    assert np.abs(shrunk.astype(int) - whole.y).mean() < 3
+    return
+  x0, y0, x1, y1 = clip_storage.even_box(box, 64, 114)
+  np.testing.assert_array_equal(got.box_hw, [y1 - y0, x1 - x0])
+  for slot, frame in zip([0, 1, 2, 4], stored_planes(record, [2, 3, 9, 4])):
+    y, u, v = planes_of(frame)
+    h, w = y1 - y0, x1 - x0
+    np.testing.assert_array_equal(got.y[slot, :h, :w], y[y0:y1, x0:x1])
+    np.testing.assert_array_equal(got.uv[slot, 0, :h // 2, :w // 2],
+                                  u[y0 // 2:y1 // 2, x0 // 2:x1 // 2])
+    np.testing.assert_array_equal(got.uv[slot, 1, :h // 2, :w // 2],
+                                  v[y0 // 2:y1 // 2, x0 // 2:x1 // 2])
+  assert (got.y[3] == 16).all() and (got.uv[3] == 128).all()   # padding
+  with pytest.raises(ValueError, match='window'):
+    clip_storage.gather_frames(record, index, frame_format='yuv420_unscaled',
+                               window=(63, 88))
+
+
+def pil_resize(plane: np.ndarray, size: int) -> np.ndarray:
+  return np.asarray(Image.fromarray(plane).resize((size, size),
+                                                  Image.Resampling.BILINEAR))
+
+
+@pytest.mark.parametrize('height,width,size', [(50, 66, 28), (40, 34, 56),
+                                               (64, 88, 64)])
+def test_step_scales_unscaled_frames_as_pil_does(height, width, size):
+  # Independent reference: PIL's bilinear resize (a triangle filter widened
+  # when shrinking, in fixed point with uint8 between its two passes) of the
+  # box alone; the window around it must not leak in. Shrinking, growing,
+  # and the whole window.
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 256, (2, 3, 64, 88), dtype=np.uint8)
+  uv = rng.integers(0, 256, (2, 3, 2, 32, 44), dtype=np.uint8)
+  box_hw = np.array([[height, width], [height, width]], np.int32)
+  flip = np.array([False, True])
+  got_y, got_uv = jax.jit(augment_lib.scale_unscaled_frames,
+                          static_argnums=4)(y, uv, box_hw, flip, size)
+  assert got_y.shape == (2, 3, size, size) and got_y.dtype == np.uint8
+  assert got_uv.shape == (2, 3, 2, size // 2, size // 2)
+  for b in range(2):
+    mirror = (lambda x: x[:, ::-1]) if flip[b] else (lambda x: x)
+    for t in range(3):
+      want = pil_resize(y[b, t, :height, :width], size)
+      d = np.abs(np.asarray(got_y[b, t], int) - mirror(want))
+      assert d.max() <= 1, d.max()         # PIL's intermediate rounding
+      for c in range(2):
+        want = pil_resize(uv[b, t, c, :height // 2, :width // 2], size // 2)
+        d = np.abs(np.asarray(got_uv[b, t, c], int) - mirror(want))
+        assert d.max() <= 1, d.max()
+
+
+def test_unscaled_train_batches_become_the_scaled_frames_in_the_step(built):
+  # The same clips, crops, flips and jitter draws as 'yuv420'; the step's
+  # scaling (after the crop, before the flip) against swscale's on the host
+  # (flip before scaling): two bilinear filters, close but not equal.
+  builder, _ = built
+  source = builder.as_data_source('train')
+  configs = []
+  for frame_format in ('yuv420', 'yuv420_unscaled'):
+    c = paper_like_config()
+    c.input.batch_size = 2
+    c.input.augment.color_jitter_on = 'device'
+    c.input.frame_format = frame_format
+    c.input.unscaled_window = (64, 88)
+    configs.append(c)
+  scaled, unscaled = (next(pipeline.make_train_iterator(
+      c, source, process_index=0, process_count=1)) for c in configs)
+  assert unscaled['frames_y'].shape == (2, 8, 64, 88)
+  assert unscaled['frames_uv'].shape == (2, 8, 2, 32, 44)
+  assert unscaled['frames_box_hw'].shape == (2, 2)
+  assert unscaled['frames_flip'].shape == (2,)
+  for key in ('frame_index', 'color_factors', 'waveform', 'clip_index'):
+    np.testing.assert_array_equal(unscaled[key], scaled[key])
+  step = jax.jit(augment_lib.frames_for_model, static_argnums=1)
+  got, want = np.asarray(step(unscaled, 56)), np.asarray(step(scaled, 56))
+  assert got.shape == want.shape == (2, 8, 56, 56, 3)
+  d = np.abs(got.astype(int) - want)
+  if builder.builder_config.frame_codec == 'h264':
+    # Measured: mean 0.21, 99th percentile 3, max 7 (on the benchmark's
+    # 456x256 frames to 224: mean 0.15, max 5).
+    assert d.mean() < 0.4 and np.percentile(d, 99) <= 4, d.mean()
+  else:
+    # JPEG frames are RGB: 'yuv420' scales them before taking 4:2:0 chroma,
+    # 'yuv420_unscaled' after; colour edges differ (measured: mean 2.2).
+    assert d.mean() < 3, d.mean()
+  unflipped = dict(unscaled, frames_flip=~unscaled['frames_flip'])
+  other = np.asarray(step(unflipped, 56))
+  assert np.abs(other.astype(int) - want).mean() > 4 * d.mean()
 
 
 def test_clips_can_start_on_key_frames_only(built):
@@ -370,5 +512,5 @@ def test_dataset_of_an_older_builder_version_is_refused(tmp_path):
     input_data.ensure_built(config, fresh)
   message = str(e.value.code)
   assert '\n' not in message
-  assert 'version(s) 1.0.0' in message and 'reads 2.0.0' in message
+  assert 'version(s) 1.0.0' in message and 'reads 2.1.0' in message
   assert 'Rebuild it: python -m tavlo_datasets.build vggsound' in message

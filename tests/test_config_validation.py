@@ -125,10 +125,16 @@ def test_values_that_fit_the_type_but_not_the_meaning(field, value, expected):
     ('input.augment.crop_scale', (0.9, 0.5), 'config.input.augment.crop_scale: expected (min, max)'),
     ('eval.heatmap_threshold', 0.3, 'config.eval.heatmap_threshold: must be one of'),
     ('loss.shifted_audio_negatives', 1, 'shifted_audio_negatives needs per-frame audio'),
+    ('input.unscaled_window', (256, 343),
+     'config.input.unscaled_window: expected (height, width), both even'),
+    ('input.image_size', 223, "config.input.frame_format: 'yuv420_unscaled' needs an even image_size"),
 ])
 def test_fields_that_do_not_fit_together(field, value, expected):
-  config = _load('configs/avatar_synth.py:runlocal+ezvsl' if 'shifted' in field
-                 else 'configs/avatar_synth.py:runlocal')
+  config = _load({
+      'loss.shifted_audio_negatives': 'configs/avatar_synth.py:runlocal+ezvsl',
+      'input.unscaled_window': 'configs/paper.py:real+runlocal',    # unscaled 4:2:0 frames
+      'input.image_size': 'configs/paper.py:real+runlocal',
+  }.get(field, 'configs/avatar_synth.py:runlocal'))
   config.unlock()
   _set(config, field, value)
   with pytest.raises(cv.ConfigError) as e:

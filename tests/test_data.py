@@ -466,7 +466,8 @@ def test_color_jitter_on_device_uses_the_host_draws(train_source):
 def test_paper_train_step_compiles_with_the_jitter_factors(variant):
   # configs/paper.py jitters on the device: its batches carry
   # `color_factors`, and the train step takes them (compiled, no data).
-  # On VGGSound's H.264 records (:real) frames come as 4:2:0 planes.
+  # On VGGSound's H.264 records (:real) frames come as the crop box's 4:2:0
+  # planes, unscaled, in a fixed window.
   from tavlo_jax import aot_compile  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(
       str(pathlib.Path(__file__).parents[1] / f'configs/paper.py:{variant}'))
@@ -475,10 +476,14 @@ def test_paper_train_step_compiles_with_the_jitter_factors(variant):
   b, t, s = c.input.batch_size, c.input.num_frames, c.input.image_size
   assert spec['color_factors'].shape == (b, 3)
   if variant == 'real+runlocal':
-    assert (c.input.frame_format, c.input.clip_starts) == ('yuv420', 'key_frames')
+    assert (c.input.frame_format, c.input.clip_starts) == (
+        'yuv420_unscaled', 'key_frames')
     assert 'frames' not in spec
-    assert spec['frames_y'].shape == (b, t, s, s)
-    assert spec['frames_uv'].shape == (b, t, 2, s // 2, s // 2)
+    wh, ww = c.input.unscaled_window
+    assert spec['frames_y'].shape == (b, t, wh, ww)
+    assert spec['frames_uv'].shape == (b, t, 2, wh // 2, ww // 2)
+    assert spec['frames_box_hw'].shape == (b, 2)
+    assert spec['frames_flip'].shape == (b,)
   else:
     assert spec['frames'].shape == (b, t, s, s, 3)
   aot_compile.compile_train_step(c, aot_compile.get_topology('cpu:1').devices)

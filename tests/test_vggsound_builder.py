@@ -111,7 +111,7 @@ def test_csv_of_paths_gives_the_same_records(built, tmp_path):
   a, b = records_by_id(built), records_by_id(other)
   assert sorted(b) == sorted(a)
   for key in a:
-    for field in ('frames_h264', 'segment_offsets', 'waveform_flac'):
+    for field in ('frames_h264', 'segment_offsets', 'waveform_pcm16'):
       np.testing.assert_array_equal(a[key][field], b[key][field])
 
 

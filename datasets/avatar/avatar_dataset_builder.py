@@ -43,6 +43,10 @@ class AvatarConfig(tfds.core.BuilderConfig):
   h264_crf: int = 25
   segment_frames: int = 16
   jpeg_quality: int = 85
+  # 'flac' (lossless, ~2/3 of the 16-bit bytes) or 'pcm16' (no decoding:
+  # what the `vggsound` training records use; clip_storage.py). This is
+  # the test set: each clip is read once per evaluation.
+  audio_codec: str = 'flac'
   mask_size: tuple[int, int] = (360, 640)    # the official 640x360 evaluation
   sample_rate: int = 16000                   # mono waveform rate
   # Category list: empty = every `audio_visual_category` in the metadata,
@@ -57,6 +61,9 @@ class AvatarConfig(tfds.core.BuilderConfig):
     if self.frame_codec not in ('h264', 'jpeg'):
       raise ValueError(f"frame_codec={self.frame_codec!r}; expected 'h264' "
                        "or 'jpeg'")
+    if self.audio_codec not in clip_storage.AUDIO_CODECS:
+      raise ValueError(f'audio_codec={self.audio_codec!r}; expected one of '
+                       f'{clip_storage.AUDIO_CODECS}')
     self.mask_size = tuple(int(v) for v in self.mask_size)
     self.categories = tuple(self.categories)
     check_policy(self.on_bad_example)
@@ -276,7 +283,7 @@ class Builder(RobustBuilderMixin, tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         features=schema.features(
             mask_height=c.mask_size[0], mask_width=c.mask_size[1],
-            frame_storage=c.frame_codec),
+            frame_storage=c.frame_codec, audio_codec=c.audio_codec),
         metadata=tfds.core.MetadataDict(),
         homepage='https://huggingface.co/datasets/mipal/AVATAR',
     )

@@ -135,11 +135,59 @@ def yuv420_to_rgb(y, uv):
   return jnp.clip(jnp.round(rgb), 0, 255).astype(jnp.uint8)
 
 
-def frames_for_model(batch):
+def _bilinear_weights(out_size: int, valid, in_size: int, flip):
+  """f32 [B, out_size, in_size]: row o averages the first `valid[b]` input
+  samples around output sample o's centre, (o + 0.5) * valid / out_size,
+  with a triangle of half-width max(valid / out_size, 1) (widened when
+  shrinking, as PIL's and libswscale's bilinear resize), rows summing to 1;
+  in reverse row order where `flip[b]`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  valid = valid.astype(jnp.float32)[:, None, None]
+  scale = valid / out_size
+  support = jnp.maximum(scale, 1.0)
+  centre = (jnp.arange(out_size, dtype=jnp.float32)[:, None] + 0.5) * scale
+  position = jnp.arange(in_size, dtype=jnp.float32) + 0.5
+  weights = jnp.maximum(1.0 - jnp.abs(position - centre) / support, 0.0)
+  weights = jnp.where(position < valid, weights, 0.0)
+  weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return jnp.where(flip[:, None, None], weights[:, ::-1], weights)
+
+
+def scale_unscaled_frames(y, uv, box_hw, flip, size: int):
+  """`frame_format='yuv420_unscaled'` batches in the jitted step: each
+  clip's box (the top-left box_hw of its window) scaled bilinearly to
+  size x size, plane by plane, and mirrored where `flip`; rounded to uint8
+  as the host's scaling would. y uint8 [B, T, WH, WW], uv [B, T, 2, WH/2,
+  WW/2], box_hw int [B, 2], flip bool [B] -> (y [B, T, S, S], uv [B, T, 2,
+  S/2, S/2]), what `yuv420_to_rgb` takes."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  no_flip = jnp.zeros_like(flip)
+
+  def scale(plane, height, width, out):
+    rows = _bilinear_weights(out, height, plane.shape[-2], no_flip)
+    cols = _bilinear_weights(out, width, plane.shape[-1], flip)
+    lead = 'bt' if plane.ndim == 4 else 'btc'
+    scaled = jnp.einsum(f'bhH,{lead}HW,bwW->{lead}hw', rows,
+                        plane.astype(jnp.float32), cols)
+    return jnp.clip(jnp.round(scaled), 0, 255).astype(jnp.uint8)
+
+  height, width = box_hw[:, 0], box_hw[:, 1]
+  return (scale(y, height, width, size),
+          scale(uv, height // 2, width // 2, size // 2))
+
+
+def frames_for_model(batch, image_size: int | None = None):
   """The uint8 RGB clip frames a batch feeds the model, inside the jitted
-  step: converted from 4:2:0 planes (`frame_format='yuv420'`), then with
-  `color_factors` (colour jitter on the device) jittered."""
-  if 'frames_y' in batch:
+  step: scaled to `image_size` and mirrored (`frame_format=
+  'yuv420_unscaled'`), converted from 4:2:0 planes (`'yuv420'` too), then
+  with `color_factors` (colour jitter on the device) jittered."""
+  if 'frames_box_hw' in batch:
+    if image_size is None:
+      raise ValueError('unscaled frames need the image_size to scale them to')
+    frames = yuv420_to_rgb(*scale_unscaled_frames(
+        batch['frames_y'], batch['frames_uv'], batch['frames_box_hw'],
+        batch['frames_flip'], int(image_size)))
+  elif 'frames_y' in batch:
     frames = yuv420_to_rgb(batch['frames_y'], batch['frames_uv'])
   else:
     frames = batch['frames']
@@ -184,15 +232,19 @@ def jitter_video(frames: np.ndarray | clip_storage.Yuv420,
   if place not in JITTER_PLACES:
     raise ValueError(f'config.input.augment.color_jitter_on={place!r}; '
                      f'expected one of {JITTER_PLACES}')
-  yuv = isinstance(frames, clip_storage.Yuv420)
+  yuv = isinstance(frames, (clip_storage.Yuv420, clip_storage.Yuv420Unscaled))
   pixels = ({'frames_y': frames.y, 'frames_uv': frames.uv} if yuv
             else {'frames': frames})
+  if isinstance(frames, clip_storage.Yuv420Unscaled):
+    pixels.update(frames_box_hw=frames.box_hw, frames_flip=frames.flip)
   jitter = aug.enabled and aug.color_jitter > 0
   if jitter and place == 'device':
     return {**pixels, 'color_factors': jitter_factors(
         rng, aug.color_jitter).astype(np.float32)}
   if jitter and yuv:
-    raise ValueError("config.input.frame_format='yuv420' ships frames that "
+    raise ValueError(f"config.input.frame_format='yuv420'"
+                     f"{'' if isinstance(frames, clip_storage.Yuv420) else '_unscaled'}"
+                     " ships frames that "
                      "the host cannot colour-jitter: set "
                      "config.input.augment.color_jitter_on='device'")
   if aug.enabled:

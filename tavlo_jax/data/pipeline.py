@@ -185,11 +185,13 @@ class _TrainExample:
         np.random.SeedSequence([self.seed, epoch, record_index]).spawn(3))
     first = _random_start(record, config, start_rng)
     # The crop box and flip are drawn once the decoder knows the frame size;
-    # the decoder crops, scales and flips as it converts to RGB.
+    # the decoder crops, scales and flips as it converts to RGB (or only
+    # crops, with 'yuv420_unscaled': the train step scales and flips).
     clip = sampling.cut_clip(
         record, first, config, size=config.input.image_size,
         geometry=augment_lib.ClipGeometry(video_rng, aug),
-        frame_format=config.input.frame_format)
+        frame_format=config.input.frame_format,
+        window=tuple(config.input.unscaled_window))
     spec_rng = audio_rng if aug.enabled else None
     return {
         **augment_lib.jitter_video(clip.frames, video_rng, aug),

@@ -92,12 +92,13 @@ class Clip(NamedTuple):
 
 def cut_clip(record: Mapping[str, Any], first_frame: int, config, *,
              size: int | None = None, geometry=None,
-             frame_format: str = 'rgb') -> Clip:
+             frame_format: str = 'rgb', window=None) -> Clip:
   """The T frames from `first_frame` and their audio window (see top).
 
-  `size`, `geometry`, `frame_format`: frames cropped, scaled (and flipped)
-  while decoding (`clip_storage.gather_frames`); size None: at the stored
-  size. With 'yuv420', `frames` is a `clip_storage.Yuv420`.
+  `size`, `geometry`, `frame_format`, `window`: frames cropped, scaled (and
+  flipped) while decoding (`clip_storage.gather_frames`); size None: at the
+  stored size. With 'yuv420', `frames` is a `clip_storage.Yuv420`; with
+  'yuv420_unscaled', a `clip_storage.Yuv420Unscaled` of `window`.
   """
   fps, sr = record_audio_params(record, config)
   t, s = config.input.num_frames, config.input.frame_stride
@@ -110,7 +111,8 @@ def cut_clip(record: Mapping[str, Any], first_frame: int, config, *,
   # Decodes only the T frames of the clip (clip_storage.py).
   frames = clip_storage.gather_frames(record, frame_index, size=size,
                                       geometry=geometry,
-                                      frame_format=frame_format)
+                                      frame_format=frame_format,
+                                      window=window)
   return Clip(frames, waveform, frame_index, start)
 
 
