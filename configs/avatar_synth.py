@@ -6,14 +6,12 @@ builds `avatar_synth/small` if absent (~1-2 min), trains 400 steps (~7-11
 min on a 2-core CPU) and prints the per-scenario table (pointing game,
 pointing within one cell, sounding>silent, mean cIoU, AUC, adaptive top-k
 cIoU, Off-screen TN%), a map-sign line and the pointing game per sounding
-category with each one's mean argmax offset and the worst one named. Seed 0
-printed pointing single 79.8 / mixed 82.9 / multi 84.1 / cross_event 85.7,
-Off-screen TN 93.0 (`peak_window` rule; 48.5 per-frame raw max), "Map sign:
-argmax on source 81.92%, argmin on source 5.25%",
-"Worst category: purple capsule (7), pointing 61.28% ..." (seed 0 is the
-weakest of seeds 0-4; README, Results). A run repeats exactly on one
-machine, not across CPUs: on a 2-core AMD EPYC (AVX-512) seed 0 prints 80.4 /
-85.0 / 85.0 / 85.2, Off-screen TN 91.9, worst category purple capsule 34.9%.
+category with each one's mean argmax offset and the worst one named. On a
+2-core AMD EPYC (AVX-512) seed 0 printed pointing single 84.1 / mixed 85.6 /
+multi 88.4 / cross_event 90.3, Off-screen TN 93.8 (`peak_window` rule; 53.7
+per-frame raw max), "Map sign: argmax on source 85.64%, argmin on source
+3.17%", "Worst category: red circle (0), pointing 68.63% ..." (README,
+Results). A run repeats exactly on one machine, not across CPUs.
 TAVLO here has motion features (also per 4x4 patch), out-of-sync audio
 negatives, 16x16 maps, temporal attention over +-1 frame and each frame's
 audio taken from the 1/8 s before it (below; why: WORKSPACE.md, Model);

@@ -19,6 +19,7 @@ from tavlo_jax.models import attention
 from tavlo_jax.models import convert_torch
 from tavlo_jax.models.audio_encoder import AudioEncoder
 from tavlo_jax.models.resnet import ResNet
+from tavlo_jax.models.resnet import max_pool_3x3_stride_2
 from tavlo_jax.models import tavlo as tavlo_lib
 from tavlo_jax.models.tavlo import AudioCentering
 
@@ -267,6 +268,43 @@ def test_resnet_token_i_is_centred_on_pixel_stride_times_i(stem, strides, size):
   assert rows.min() > 0 and rows.max() < size - 1      # not clipped by the image
   assert (rows.min() + rows.max()) / 2 == stride * i
   assert (cols.min() + cols.max()) / 2 == stride * i
+
+
+def _routed_pool_gradient(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+  """float64 reference: each output's gradient g routed to its window's
+  first maximum (3x3, stride 2, padding 1: torchvision's stem pool)."""
+  padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)),
+                  constant_values=-np.inf)
+  out = np.zeros(padded.shape)
+  for i in range(g.shape[1]):
+    for j in range(g.shape[2]):
+      window = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(
+          len(x), 9, -1)
+      k = np.argmax(window, axis=1)                       # [B, C]
+      b, c = np.indices(k.shape)
+      np.add.at(out, (b, 2 * i + k // 3, 2 * j + k % 3, c), g[:, i, j])
+  return out[:, 1:-1, 1:-1]
+
+
+@pytest.mark.parametrize('shape', [(2, 12, 10, 3), (2, 7, 9, 2), (1, 1, 2, 1)])
+def test_stem_max_pool_is_torchvisions(shape):
+  # Values: exactly flax's reduce-window pool. Gradient: the float64 routing
+  # to each window's maximum, on post-ReLU input (many exact zeros, whose
+  # tied maxima get any split: the ReLU before the pool drops them).
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+  want = nn.max_pool(jnp.asarray(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  got, vjp = jax.vjp(max_pool_3x3_stride_2, jnp.asarray(x))
+  np.testing.assert_array_equal(got, want)
+  g = rng.standard_normal(got.shape).astype(np.float32)
+  grad = np.asarray(vjp(jnp.asarray(g))[0])
+  positive = x > 0
+  np.testing.assert_allclose(grad[positive],
+                             _routed_pool_gradient(x, g)[positive],
+                             rtol=1e-6, atol=1e-6)
+  # Leading axes (B, T) pass through.
+  np.testing.assert_array_equal(
+      max_pool_3x3_stride_2(jnp.asarray(x)[None])[0], want)
 
 
 @pytest.mark.slow
