@@ -8,8 +8,9 @@ Needs an accelerator; on a CPU use :runlocal. Variants (`+`-joined):
 
   :real          train vggsound/10k, evaluate avatar (the paper's protocol), and
                  VGG-SS and Flickr-SoundNet (classic protocol) when they are built;
-                 frames reach the device as 4:2:0 planes, clips start on the
-                 records' key frames (`use_h264_records_cheaply`)
+                 frames reach the device as the crop box's 4:2:0 planes, scaled
+                 in the step; clips start on the records' key frames
+                 (`use_h264_records_cheaply`)
   :train144k     train on vggsound/144k, as the image-level peers (EZ-VSL, SLAVC, FNAC)
   :synth         train and evaluate avatar_synth/paper (224x224, 16 categories)
   :long_clip     T=256 frames with time sharded over `seq` (all-to-all attention)
