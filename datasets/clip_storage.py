@@ -57,6 +57,13 @@ AUDIO_CODECS = ('pcm16', 'flac')
 _PCM16_SCALE = 32767.0
 
 
+def check_audio_codec(audio_codec: str) -> None:
+  """The builders' `audio_codec` field is one of AUDIO_CODECS."""
+  if audio_codec not in AUDIO_CODECS:
+    raise ValueError(f'audio_codec={audio_codec!r}; expected one of '
+                     f'{AUDIO_CODECS}')
+
+
 def storage_of(record: Mapping[str, Any]) -> str:
   if 'frames_h264' in record:
     return 'h264'
@@ -159,9 +166,7 @@ def to_storage(record: dict, storage: str, *, jpeg_quality: int = 85,
   its audio into `audio_codec`."""
   if storage == 'raw':
     return record
-  if audio_codec not in AUDIO_CODECS:
-    raise ValueError(f'audio_codec={audio_codec!r}; expected one of '
-                     f'{AUDIO_CODECS}')
+  check_audio_codec(audio_codec)
   record = dict(record)
   if storage == 'jpeg':
     record.update(encode_jpeg(record.pop('frames'), jpeg_quality))
@@ -293,6 +298,13 @@ def _plane_rows(plane) -> np.ndarray:
   return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
 
 
+def _box_planes(frame: av.VideoFrame, box) -> list[np.ndarray]:
+  """Views of a yuv420p frame's Y, U, V inside an even box (x0, y0, x1, y1)."""
+  x0, y0, x1, y1 = box
+  return [_plane_rows(src)[y0 // step:y1 // step, x0 // step:x1 // step]
+          for src, step in zip(frame.planes, (1, 2, 2))]
+
+
 class _ScaledYuv:
   """YUV frame -> its crop box scaled to size x size or (width, height)
   (mirrored if asked), as
@@ -327,11 +339,8 @@ class _ScaledYuv:
       # One frame for the crops of the whole clip (swscale reads it and
       # writes a new frame), and numpy views of its planes' box areas.
       self.cropped = av.VideoFrame(x1 - x0, y1 - y0, 'yuv420p')
-      self.targets = [_plane_rows(dst)[:(y1 - y0) // step, :(x1 - x0) // step]
-                      for dst, step in zip(self.cropped.planes, (1, 2, 2))]
-    x0, y0, x1, y1 = self.box
-    for src, out, step in zip(frame.planes, self.targets, (1, 2, 2)):
-      part = _plane_rows(src)[y0 // step:y1 // step, x0 // step:x1 // step]
+      self.targets = _box_planes(self.cropped, (0, 0, x1 - x0, y1 - y0))
+    for part, out in zip(_box_planes(frame, self.box), self.targets):
       out[...] = part[:, ::-1] if self.flip else part
     return self.scale.reformat(self.cropped, self.width, self.height,
                                interpolation=Interpolation.BILINEAR,
@@ -440,18 +449,18 @@ def _unscaled_slots(record, frame_index, decoded: dict, window, geometry
   av.VideoFrame at the stored size}; padding slots black."""
   wh, ww = (int(v) for v in window)
   t = len(frame_index)
-  out = Yuv420Unscaled(np.full((t, wh, ww), _BLACK_Y, np.uint8),
-                       np.full((t, 2, wh // 2, ww // 2), _BLACK_UV, np.uint8),
-                       np.zeros((2,), np.int32), np.bool_(False))
   first = next(iter(decoded.values()))
   box, flip = (geometry(first.height, first.width) if geometry
                else (None, False))
-  x0, y0, x1, y1 = even_box(box, first.height, first.width)
+  box = even_box(box, first.height, first.width)
+  x0, y0, x1, y1 = box
   h, w = _fit(y1 - y0, x1 - x0, (wh, ww))
-  out.box_hw[:] = (h, w)
+  out = Yuv420Unscaled(np.full((t, wh, ww), _BLACK_Y, np.uint8),
+                       np.full((t, 2, wh // 2, ww // 2), _BLACK_UV, np.uint8),
+                       np.array([h, w], np.int32), np.bool_(flip))
   scale = None
   if (h, w) != (y1 - y0, x1 - x0):   # too large for the window: the host scales
-    scale = _ScaledYuv((w, h), lambda *_: ((x0, y0, x1, y1), False))
+    scale = _ScaledYuv((w, h), lambda *_: (box, False))
   for slot, i in enumerate(frame_index):
     if i < 0:
       continue
@@ -464,11 +473,9 @@ def _unscaled_slots(record, frame_index, decoded: dict, window, geometry
       copy_yuv420_planes(scale(frame), out.y[slot, :h, :w],
                          out.uv[slot, :, :h // 2, :w // 2])
       continue
-    for src, dst, step in zip(frame.planes, (out.y[slot], out.uv[slot, 0],
-                                             out.uv[slot, 1]), (1, 2, 2)):
-      dst[:h // step, :w // step] = _plane_rows(src)[
-          y0 // step:y1 // step, x0 // step:x1 // step]
-  out = out._replace(flip=np.bool_(flip))
+    for part, dst in zip(_box_planes(frame, box),
+                         (out.y[slot], out.uv[slot, 0], out.uv[slot, 1])):
+      dst[:part.shape[0], :part.shape[1]] = part
   return out
 
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tavlo_datasets.clip_storage import AUDIO_CODECS
+from tavlo_datasets.clip_storage import check_audio_codec
 from tavlo_datasets.clip_storage import FRAME_STORAGES
 
 # Scenario order is part of the schema: `tags` is multi-hot in this order.
@@ -114,9 +114,7 @@ def _clip_features(frame_storage: str, frame_height: int, frame_width: int,
     }
   # Encoded layouts: frame sizes follow the source's aspect ratio and live
   # in the bitstreams.
-  if audio_codec not in AUDIO_CODECS:
-    raise ValueError(f'audio_codec={audio_codec!r}; expected one of '
-                     f'{AUDIO_CODECS}')
+  check_audio_codec(audio_codec)
   audio = {f'waveform_{audio_codec}': f.Tensor(
       shape=(None,), dtype=np.int16 if audio_codec == 'pcm16' else np.uint8,
       encoding=f.Encoding.BYTES)}

@@ -61,9 +61,7 @@ class AvatarConfig(tfds.core.BuilderConfig):
     if self.frame_codec not in ('h264', 'jpeg'):
       raise ValueError(f"frame_codec={self.frame_codec!r}; expected 'h264' "
                        "or 'jpeg'")
-    if self.audio_codec not in clip_storage.AUDIO_CODECS:
-      raise ValueError(f'audio_codec={self.audio_codec!r}; expected one of '
-                       f'{clip_storage.AUDIO_CODECS}')
+    clip_storage.check_audio_codec(self.audio_codec)
     self.mask_size = tuple(int(v) for v in self.mask_size)
     self.categories = tuple(self.categories)
     check_policy(self.on_bad_example)

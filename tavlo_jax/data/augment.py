@@ -242,9 +242,9 @@ def jitter_video(frames: np.ndarray | clip_storage.Yuv420,
     return {**pixels, 'color_factors': jitter_factors(
         rng, aug.color_jitter).astype(np.float32)}
   if jitter and yuv:
-    raise ValueError(f"config.input.frame_format='yuv420'"
-                     f"{'' if isinstance(frames, clip_storage.Yuv420) else '_unscaled'}"
-                     " ships frames that "
+    name = ('yuv420' if isinstance(frames, clip_storage.Yuv420)
+            else 'yuv420_unscaled')
+    raise ValueError(f"config.input.frame_format='{name}' ships frames that "
                      "the host cannot colour-jitter: set "
                      "config.input.augment.color_jitter_on='device'")
   if aug.enabled:
