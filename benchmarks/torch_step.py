@@ -2,6 +2,7 @@ r"""EZ-VSL's training step in JAX (this project) and in PyTorch, side by side.
 
   python benchmarks/torch_step.py                  # ~3-5 min on 2 idle cores
   python benchmarks/torch_step.py --one_core --notavlo   # per-core speed
+  python benchmarks/torch_step.py --one_core --notavlo --breakdown   # + where the time goes
 
 (torch is an optional extra, not in requirements.txt: `pip install
 torch==2.13.0` (CPU build) or `pip install -e .[bench]`; a separate
@@ -58,6 +59,9 @@ flags.DEFINE_bool('one_core', False, 'pin every side to CPU 0 (torch: 1 '
 flags.DEFINE_bool('tavlo', True, 'also time the CPU main job\'s step')
 flags.DEFINE_multi_string('xla_flags', [], 'NAME=FLAGS: one more JAX worker '
                           'with these XLA_FLAGS (repeatable)')
+flags.DEFINE_bool('breakdown', False, 'after the timed rounds, profile a '
+                  'few steps of jax and torch and print where each spends '
+                  'its time (benchmarks/step_breakdown.py)')
 flags.DEFINE_string('json_out', '', 'also write the results here as JSON')
 flags.DEFINE_string('worker', '', 'internal: run as the worker of this side')
 flags.DEFINE_string('worker_spec', '', 'internal: config of a jax worker')
@@ -247,6 +251,14 @@ def run_worker():
           peak_tflops=measured_matmul_tflops(jnp.float32))) + '\n')
       out.flush()
       continue
+    if line.strip() == 'breakdown':   # asked alone, after the timed rounds
+      import step_breakdown  # pylint: disable=g-import-not-at-top
+      rows = (step_breakdown.torch_breakdown(side.step)
+              if FLAGS.worker == 'torch' else
+              step_breakdown.jax_breakdown(side.compiled, side.step))
+      out.write(json.dumps(rows) + '\n')
+      out.flush()
+      continue
     if line.strip() != 'step':
       break
     wall, cpu = time.perf_counter(), time.process_time()
@@ -315,10 +327,20 @@ def main(argv):
   procs['jax'].stdin.write('peak\n')
   procs['jax'].stdin.flush()
   peak = reply(procs['jax'], 'jax')['peak_tflops']
+  breakdown = {}
+  for name in ('jax', 'torch') if FLAGS.breakdown else ():
+    procs[name].stdin.write('breakdown\n')
+    procs[name].stdin.flush()
+    breakdown[name] = reply(procs[name], name)
   for p in procs.values():
     p.stdin.close()
     p.wait()
   report(info, times, peak, load_start, load_end)
+  if breakdown:
+    import step_breakdown  # pylint: disable=g-import-not-at-top
+    print('\nWhere the time goes (CPU ms per step, 2 profiled steps per '
+          'side; benchmarks/step_breakdown.py):')
+    print(step_breakdown.table(breakdown['jax'], breakdown['torch']))
 
 
 def report(info, times, peak, load_start, load_end):

@@ -23,6 +23,7 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -105,6 +106,11 @@ def max_pool_3x3_stride_2(x):
   image stem's pool, 215 against 58 for EZ-VSL's audio stem), which made
   the two pools ~15% of EZ-VSL's CPU train step (research log).
   """
+  with jax.named_scope('max_pool'):   # names its ops in profiles
+    return _max_pool_3x3_stride_2(x)
+
+
+def _max_pool_3x3_stride_2(x):
   for axis in (x.ndim - 3, x.ndim - 2):
     size = x.shape[axis]
     out = (size - 1) // 2 + 1
