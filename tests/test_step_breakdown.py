@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from tavlo_jax.models import resnet
 
@@ -89,3 +90,31 @@ def test_profiled_rows_and_table():
   parts = sum(rows.get(f'{bd.ROWS[1]}/{p}', 0.0)
               for p in (bd.INPUT_GRAD, bd.WEIGHT_GRAD))
   assert float(backward.split('|')[2]) == round(parts)
+
+
+def test_torch_rows():
+  """The PyTorch side (optional extra): every row but the transposes is fed
+  by a small conv net's training step, and Adam counts as the optimizer."""
+  torch = pytest.importorskip('torch')
+  bd = _breakdown_module()
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(
+      torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+      torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1),
+      torch.nn.Conv2d(8, 8, 3, padding=1, bias=False))
+  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+  x = torch.randn(2, 3, 16, 16)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = net(x).square().mean()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+  step()
+  rows = bd.torch_breakdown(step)
+  for row in (bd.ROWS[0], bd.ROWS[1], 'batch norm', 'max pool',
+              'optimizer update'):
+    assert rows.get(row, 0) > 0, (row, rows)
+  assert set(rows) <= set(bd.ROWS)
