@@ -114,7 +114,8 @@ def jax_breakdown(compiled, step, steps: int = 2) -> dict[str, float]:
   """CPU ms per step by row, from a trace of `steps` calls of `step` (which
   runs `compiled`, the XLA:CPU executable of the train step)."""
   import jax  # pylint: disable=g-import-not-at-top
-  table = hlo_instructions(compiled.as_text())
+  row_of = {name: classify_hlo(*entry)
+            for name, entry in hlo_instructions(compiled.as_text()).items()}
   totals = collections.Counter()
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -130,8 +131,7 @@ def jax_breakdown(compiled, step, steps: int = 2) -> dict[str, float]:
       continue
     # Library thunks (XLA's own convolutions) can carry the op's name
     # without its numeric suffix; they share one kind.
-    entry = table.get(hlo_op) or table.get(hlo_op.split('.')[0])
-    row = classify_hlo(*entry) if entry else ROWS[6]
+    row = row_of.get(hlo_op) or row_of.get(hlo_op.split('.')[0], ROWS[6])
     totals[row] += event['dur'] / 1e3 / steps
   return dict(totals)
 

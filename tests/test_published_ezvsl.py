@@ -1,9 +1,6 @@
 """EZ-VSL as published (`configs/paper.py:ezvsl`): its log spectrogram, its
 audio ResNet-18, the parameter count of the PyTorch model, one train step."""
 
-import importlib.util
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +13,6 @@ from tavlo_jax import models, sharding, train
 from tavlo_jax.data import audio as audio_lib
 
 SR, SECONDS, COLUMNS, N_FFT, FREQ = 16000, 3, 200, 512, 257
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PUBLISHED_PARAMS = 22_872_064      # EZ-VSL at dim 512, derived below
 
 
@@ -142,14 +138,10 @@ def test_one_training_step_is_finite_and_moves_the_audio_net():
   assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_torch_benchmark_model_is_the_same_architecture():
+def test_torch_benchmark_model_is_the_same_architecture(benchmark_module):
   """benchmarks/torch_step.py's PyTorch model (optional extra: torch)."""
   torch = pytest.importorskip('torch')
-  spec = importlib.util.spec_from_file_location(
-      'torch_step_under_test', ROOT / 'benchmarks' / 'torch_step.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  model = module.torch_model()
+  model = benchmark_module('torch_step').torch_model()
   assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS
   assert sum(p.numel() for p in model.audnet.parameters()) == _resnet18_params(1)
   loss = model(torch.randn(2, 3, 64, 64), torch.randn(2, 1, FREQ, COLUMNS))

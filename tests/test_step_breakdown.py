@@ -4,8 +4,6 @@ convolutions once forward, once as a weight gradient and (but the stem, whose
 input is data) once as an input gradient."""
 
 import collections
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +13,14 @@ import pytest
 
 from tavlo_jax.models import resnet
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+@pytest.fixture
+def bd(benchmark_module):
+  return benchmark_module('step_breakdown')
 
 
-def _breakdown_module():
-  spec = importlib.util.spec_from_file_location(
-      'step_breakdown_under_test', ROOT / 'benchmarks' / 'step_breakdown.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _compiled_resnet_step():
+@pytest.fixture(scope='module')
+def resnet_step():
   """Stem + two stages of one block (the second strided, with a projection):
   6 convolutions; BatchNorm, the stem's max pool, Adam."""
   model = resnet.ResNet(stage_sizes=(1, 1), width=8, stage_strides=(1, 2))
@@ -52,9 +46,8 @@ def _compiled_resnet_step():
   return jax.jit(step).lower(state, x).compile(), state, x
 
 
-def test_each_convolution_is_counted_once_per_pass():
-  bd = _breakdown_module()
-  compiled, _, _ = _compiled_resnet_step()
+def test_each_convolution_is_counted_once_per_pass(bd, resnet_step):
+  compiled, _, _ = resnet_step
   kinds = collections.Counter(
       bd.classify_hlo(*entry)
       for entry in bd.hlo_instructions(compiled.as_text()).values())
@@ -65,9 +58,8 @@ def test_each_convolution_is_counted_once_per_pass():
     assert kinds[row] > 0, (row, kinds)
 
 
-def test_profiled_rows_and_table():
-  bd = _breakdown_module()
-  compiled, state, x = _compiled_resnet_step()
+def test_profiled_rows_and_table(bd, resnet_step):
+  compiled, state, x = resnet_step
   holder = [state]
 
   def step():
@@ -92,11 +84,10 @@ def test_profiled_rows_and_table():
   assert float(backward.split('|')[2]) == round(parts)
 
 
-def test_torch_rows():
+def test_torch_rows(bd):
   """The PyTorch side (optional extra): every row but the transposes is fed
   by a small conv net's training step, and Adam counts as the optimizer."""
   torch = pytest.importorskip('torch')
-  bd = _breakdown_module()
   torch.manual_seed(0)
   net = torch.nn.Sequential(
       torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),

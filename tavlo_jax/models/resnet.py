@@ -107,21 +107,18 @@ def max_pool_3x3_stride_2(x):
   the two pools ~15% of EZ-VSL's CPU train step (research log).
   """
   with jax.named_scope('max_pool'):   # names its ops in profiles
-    return _max_pool_3x3_stride_2(x)
-
-
-def _max_pool_3x3_stride_2(x):
-  for axis in (x.ndim - 3, x.ndim - 2):
-    size = x.shape[axis]
-    out = (size - 1) // 2 + 1
-    # One -inf row in front, and one at the end where the last window needs it.
-    pad = [(0, 0, 0)] * x.ndim
-    pad[axis] = (1, 2 * out - size, 0)
-    padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype), pad)
-    slices = [lax.slice_in_dim(padded, k, k + 2 * (out - 1) + 1, 2, axis)
-              for k in range(3)]
-    x = jnp.maximum(jnp.maximum(slices[0], slices[1]), slices[2])
-  return x
+    for axis in (x.ndim - 3, x.ndim - 2):
+      size = x.shape[axis]
+      out = (size - 1) // 2 + 1
+      # One -inf row in front, and one at the end where the last window
+      # needs it.
+      pad = [(0, 0, 0)] * x.ndim
+      pad[axis] = (1, 2 * out - size, 0)
+      padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype), pad)
+      slices = [lax.slice_in_dim(padded, k, k + 2 * (out - 1) + 1, 2, axis)
+                for k in range(3)]
+      x = jnp.maximum(jnp.maximum(slices[0], slices[1]), slices[2])
+    return x
 
 
 def total_stride(stem: str, stage_strides: Sequence[int]) -> int:
